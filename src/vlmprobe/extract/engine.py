@@ -1,0 +1,96 @@
+"""The extractor: one forward pass per batch captures every requested point."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlmprobe.extract.hooks import capture_outputs
+from vlmprobe.extract.store import shard_path, write_manifest, write_shard
+from vlmprobe.models.base import ModelAdapter
+
+
+def extract_points(
+    adapter: ModelAdapter,
+    model: torch.nn.Module,
+    images: np.ndarray,
+    points: list[str],
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Tokens (B, T, D) of every point for one batch of (B, H, W, 3) uint8 images."""
+    inputs = adapter.prepare(images, device)
+    modules = {p: adapter.point_module(model, p) for p in points}
+    with torch.inference_mode():
+        outputs = capture_outputs(modules, lambda: adapter.forward(model, inputs))
+        return {p: adapter.point_tokens(p, outputs[p], inputs).float().cpu() for p in points}
+
+
+def extract_to_store(
+    adapter: ModelAdapter,
+    model: torch.nn.Module,
+    images: np.ndarray,
+    image_ids: list[int],
+    points: list[str],
+    root: Path,
+    *,
+    batch_size: int,
+    shard_size: int,
+    device: torch.device,
+    manifest_extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Extract every point for every image into a sharded store at `root`; resumable.
+
+    Shards already complete under `root` (from an interrupted run with the same settings)
+    are kept and skipped. Returns the manifest.
+    """
+    n_shards = math.ceil(len(image_ids) / shard_size)
+    image_size = tuple(images.shape[1:3])
+    dims: dict[str, int] = {}
+    started = time.perf_counter()
+    done_images = 0
+    with tqdm(total=len(image_ids), desc="extract", unit="img") as bar:
+        for index in range(n_shards):
+            lo, hi = index * shard_size, min((index + 1) * shard_size, len(image_ids))
+            if all(shard_path(root, p, index).exists() for p in points):
+                bar.update(hi - lo)
+                continue
+            chunks: dict[str, list[torch.Tensor]] = {p: [] for p in points}
+            for start in range(lo, hi, batch_size):
+                batch = images[start : min(start + batch_size, hi)]
+                for p, tokens in extract_points(adapter, model, batch, points, device).items():
+                    chunks[p].append(tokens)
+                bar.update(len(batch))
+                done_images += len(batch)
+            for p in points:
+                write_shard(root, p, index, torch.cat(chunks[p]), image_ids[lo:hi])
+    elapsed = time.perf_counter() - started
+    if done_images:
+        print(f"extracted {done_images} images in {elapsed:.1f} s "
+              f"({done_images / elapsed:.1f} img/s on {device})")
+    from safetensors import safe_open
+
+    for p in points:
+        with safe_open(str(shard_path(root, p, 0)), framework="pt") as f:
+            shape = f.get_slice("features").get_shape()
+        dims[p] = {"n_tokens": int(shape[1]), "dim": int(shape[2])}
+    manifest = {
+        **manifest_extra,
+        "image_ids": list(image_ids),
+        "dtype": "float16",
+        "points": {
+            p: {
+                **dims[p],
+                "geometry": adapter.geometry(p, image_size).to_dict(),
+                "shards": [shard_path(root, p, i).name for i in range(n_shards)],
+            }
+            for p in points
+        },
+    }
+    write_manifest(root, manifest)
+    return manifest

@@ -1,0 +1,163 @@
+"""The bbox probe: a per-token linear map to class coverage, decoded into boxes.
+
+Each token predicts the fraction of its image region covered by each object class (fit in
+closed form). The predictions are upsampled to pixels, thresholded, split into connected
+components per class, and each component's extent is a box. A per-token box-offset head
+would not work: a token cannot know where an object's far edges are, and a pooled global
+regression throws token positions away before it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from vlmprobe.data.dataset import Split
+from vlmprobe.extract.geometry import TokenGeometry, region_coverage
+from vlmprobe.metrics.boxes import bootstrap_ci, matched_iou, ratio_of_sums, xyxy_to_xywh
+from vlmprobe.metrics.coco_map import coco_map, load_coco
+from vlmprobe.probes.ridge import LinearMap, fit_ridge_path
+
+
+@dataclass(frozen=True)
+class Detections:
+    boxes: np.ndarray  # (K, 4) xyxy pixels
+    labels: np.ndarray  # (K,) category ids
+    scores: np.ndarray  # (K,)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    alphas: list[float]
+    thresholds: list[float]
+    min_component_px: int
+    bootstrap: int
+    seed: int
+
+
+def class_ids(split: Split) -> list[int]:
+    return [c["id"] for c in split.categories]
+
+
+def coverage_targets(split: Split, geometry: TokenGeometry) -> np.ndarray:
+    """(N, T, C): the fraction of every token's region covered by each class, from the masks."""
+    ids = class_ids(split)
+    boxes = geometry.token_boxes()
+    h, w = split.images.shape[1:3]
+    out = np.zeros((len(split.image_ids), len(boxes), len(ids)), dtype=np.float32)
+    for i, (masks, labels) in enumerate(zip(split.masks, split.labels, strict=True)):
+        class_masks = np.zeros((len(ids), h, w), dtype=bool)
+        for mask, label in zip(masks, labels, strict=True):
+            class_masks[ids.index(int(label))] |= mask
+        out[i] = region_coverage(class_masks, boxes)
+    return out
+
+
+def decode(
+    coverage: np.ndarray,
+    geometry: TokenGeometry,
+    ids: list[int],
+    threshold: float,
+    min_component_px: int,
+) -> Detections:
+    """Boxes from one image's predicted per-token coverage (T, C)."""
+    pixels = geometry.render(coverage)
+    best = pixels.argmax(axis=-1)
+    foreground = pixels.max(axis=-1) > threshold
+    boxes, labels, scores = [], [], []
+    for c, category in enumerate(ids):
+        components, _ = ndimage.label(foreground & (best == c))
+        for k, region in enumerate(ndimage.find_objects(components), start=1):
+            if region is None:
+                continue
+            member = components[region] == k
+            if member.sum() < min_component_px:
+                continue
+            rows, cols = region
+            boxes.append([cols.start, rows.start, cols.stop, rows.stop])
+            labels.append(category)
+            scores.append(float(pixels[region][..., c][member].mean()))
+    return Detections(
+        np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+        np.asarray(labels, dtype=np.int64),
+        np.asarray(scores, dtype=np.float64),
+    )
+
+
+def score_split(
+    predicted: np.ndarray,
+    split: Split,
+    geometry: TokenGeometry,
+    threshold: float,
+    min_component_px: int,
+) -> tuple[np.ndarray, np.ndarray, list[Detections]]:
+    """Per-image (paired IoU sum, slot count) and the decoded detections."""
+    ids = class_ids(split)
+    sums, denoms, detections = [], [], []
+    for coverage, gt in zip(predicted, split.boxes, strict=True):
+        found = decode(coverage, geometry, ids, threshold, min_component_px)
+        s, d = matched_iou(gt, found.boxes)
+        sums.append(s)
+        denoms.append(d)
+        detections.append(found)
+    return np.asarray(sums), np.asarray(denoms), detections
+
+
+def coco_detections(split: Split, detections: list[Detections]) -> list[dict]:
+    return [
+        {"image_id": image_id, "category_id": int(label), "bbox": box.tolist(), "score": score}
+        for image_id, found in zip(split.image_ids, detections, strict=True)
+        for box, label, score in zip(
+            xyxy_to_xywh(found.boxes), found.labels, found.scores, strict=True
+        )
+    ]
+
+
+def run_bbox_probe(
+    features: dict[str, np.ndarray],
+    targets: dict[str, np.ndarray],
+    splits: dict[str, Split],
+    geometry: TokenGeometry,
+    settings: ProbeSettings,
+) -> dict:
+    """Fit on train, choose the penalty and threshold on val, report on test.
+
+    features[split]: (N, T, D) tokens; targets[split]: (N, T, C) coverage from the masks.
+    """
+    train_x = features["train"].reshape(-1, features["train"].shape[-1])
+    train_y = targets["train"].reshape(-1, targets["train"].shape[-1])
+    fits = fit_ridge_path(train_x, train_y, settings.alphas)
+
+    best: tuple[float, float, float] | None = None  # (val score, alpha, threshold)
+    for alpha, linear in fits.items():
+        predicted = _predict(linear, features["val"])
+        for threshold in settings.thresholds:
+            sums, denoms, _ = score_split(
+                predicted, splits["val"], geometry, threshold, settings.min_component_px
+            )
+            score = ratio_of_sums(sums, denoms)
+            if best is None or score > best[0]:
+                best = (score, alpha, threshold)
+    val_score, alpha, threshold = best
+
+    test = splits["test"]
+    predicted = _predict(fits[alpha], features["test"])
+    sums, denoms, detections = score_split(
+        predicted, test, geometry, threshold, settings.min_component_px
+    )
+    maps = coco_map(load_coco(test.coco_path), coco_detections(test, detections), test.image_ids)
+    return {
+        "bbox_iou": ratio_of_sums(sums, denoms),
+        "bbox_iou_ci95": list(bootstrap_ci(sums, denoms, settings.bootstrap, settings.seed)),
+        "bbox_map50": maps["map50"],
+        "bbox_map": maps["map"],
+        "val_bbox_iou": val_score,
+        "selected": {"alpha": alpha, "threshold": threshold},
+    }
+
+
+def _predict(linear: LinearMap, tokens: np.ndarray) -> np.ndarray:
+    n, t, d = tokens.shape
+    return linear(tokens.reshape(-1, d)).reshape(n, t, -1)
