@@ -1,0 +1,90 @@
+"""Shared fixtures: offline environment and throwaway copies of the project as git repos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough for CI on 2 cores, large enough that every split has each class.
+SMALL_PARAMS = {
+    "data.shapes.n_train": 48,
+    "data.shapes.n_val": 12,
+    "data.shapes.n_test": 16,
+    "data.moving_shapes.n_train": 16,
+    "data.moving_shapes.n_val": 8,
+    "data.moving_shapes.n_test": 8,
+    "probe.bootstrap": 200,
+}
+
+
+def tool_env() -> dict[str, str]:
+    """The environment for subprocesses: this interpreter's venv first on PATH, offline."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", GIT_TERMINAL_PROMPT="0")
+    env.setdefault("GIT_AUTHOR_NAME", "vlmprobe tests")
+    env.setdefault("GIT_AUTHOR_EMAIL", "tests@vlmprobe.invalid")
+    env.setdefault("GIT_COMMITTER_NAME", "vlmprobe tests")
+    env.setdefault("GIT_COMMITTER_EMAIL", "tests@vlmprobe.invalid")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in `cwd`, returning its output; on failure show it in the assertion."""
+    result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+            f"\n--- stderr\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def set_params(params_file: Path, overrides: dict[str, object]) -> None:
+    params = yaml.safe_load(params_file.read_text())
+    for key, value in overrides.items():
+        node = params
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_project(dest: Path, overrides: dict[str, object] | None = None) -> Path:
+    """A copy of the project's tracked files as a fresh git repo with one commit.
+
+    Generated outputs (dvc.lock, metrics, results, plots) are left out, as in a clean start.
+    """
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    skip = ("dvc.lock", "metrics/", "results/", "plots/")
+    for name in filter(None, files):
+        if name.startswith(skip) or not (ROOT / name).exists():
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
+    set_params(dest / "params.yaml", {**SMALL_PARAMS, **(overrides or {})})
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "initial"], dest)
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A small, clean copy of the project (git repo, DVC initialised, nothing run)."""
+    return make_project(tmp_path / "project")
