@@ -28,7 +28,16 @@ def extract_points(
     modules = {p: adapter.point_module(model, p) for p in points}
     with torch.inference_mode():
         outputs = capture_outputs(modules, lambda: adapter.forward(model, inputs))
-        return {p: adapter.point_tokens(p, outputs[p], inputs).float().cpu() for p in points}
+        tokens = {p: adapter.point_tokens(p, outputs[p], inputs).float().cpu() for p in points}
+    image_size = tuple(images.shape[1:3])
+    for p, t in tokens.items():
+        expected = adapter.geometry(p, image_size).n_tokens
+        if t.shape[1] != expected:
+            raise RuntimeError(
+                f"point {p!r}: the model gave {t.shape[1]} tokens per {image_size} image, its "
+                f"geometry has {expected}: the adapter's token layout is wrong for this input"
+            )
+    return tokens
 
 
 def extract_to_store(
@@ -43,11 +52,14 @@ def extract_to_store(
     shard_size: int,
     device: torch.device,
     manifest_extra: dict[str, Any],
+    timing: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Extract every point for every image into a sharded store at `root`; resumable.
 
     Shards already complete under `root` (from an interrupted run with the same settings)
-    are kept and skipped. Returns the manifest.
+    are kept and skipped; batches start at shard boundaries, so a resumed run computes
+    exactly the batches an uninterrupted one would. Returns the manifest. If `timing` is
+    given, it receives `images` (extracted by this call, not skipped) and `seconds`.
     """
     n_shards = math.ceil(len(image_ids) / shard_size)
     image_size = tuple(images.shape[1:3])
@@ -70,6 +82,8 @@ def extract_to_store(
             for p in points:
                 write_shard(root, p, index, torch.cat(chunks[p]), image_ids[lo:hi])
     elapsed = time.perf_counter() - started
+    if timing is not None:
+        timing.update(images=done_images, seconds=elapsed)
     if done_images:
         print(f"extracted {done_images} images in {elapsed:.1f} s "
               f"({done_images / elapsed:.1f} img/s on {device})")

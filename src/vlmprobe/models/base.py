@@ -1,7 +1,9 @@
-"""The interface every model family implements."""
+"""The interface every model family implements, and the rules for loading weights safely."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,28 @@ from vlmprobe.models.registry import RegistryEntry
 
 
 class WeightsUnavailable(RuntimeError):
-    """The entry's weights cannot be found; the message says what to supply."""
+    """The entry's weights cannot be found or may not be loaded; the message says the fix."""
+
+
+REVISION = re.compile(r"^[0-9a-f]{40}$")
+CODE_SUFFIXES = (".py", ".json")
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (what the checkpoints are published in); fp32 on CPU, where bf16 is slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def code_revision(directory: Path) -> str:
+    """40-hex SHA-1 over a local model directory's code and config files (names and bytes).
+
+    A local directory has no commit, so this digest is what a registry entry pins for it: the
+    remote code that runs is exactly the code that was reviewed.
+    """
+    digest = hashlib.sha1()
+    for path in sorted(p for p in directory.iterdir() if p.suffix in CODE_SUFFIXES):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 class ModelAdapter(ABC):
@@ -46,6 +69,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def geometry(self, point: str, image_size: tuple[int, int]) -> TokenGeometry:
         """Where each of the point's tokens lies on an image of `image_size` (H, W)."""
+
+    def check_points(self, points: list[str], project_root: Path) -> None:  # noqa: B027
+        """Reject a point the model does not have (e.g. a layer past its depth) before loading.
+
+        Families whose points all exist by construction keep this no-op."""
 
     def forward(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
         return model(**inputs)
@@ -78,10 +106,56 @@ def resolve_pretrained(entry: RegistryEntry, project_root: Path) -> tuple[str, d
             )
         return str(path), {}
     if source == "hub":
-        return weights["repo_id"], {"revision": weights["revision"]}
+        revision = weights.get("revision")
+        if not isinstance(revision, str) or not REVISION.match(revision):
+            raise WeightsUnavailable(
+                f"model {entry.name!r}: weights.revision = {revision!r} in {entry.path} is not a "
+                f"pinned 40-hex commit of {weights.get('repo_id')!r}; a revision must be pinned "
+                f"so the weights (and any remote code) are exactly the reviewed ones. Fix: set "
+                f"weights.revision to the commit sha, or use a `source: local` entry."
+            )
+        return weights["repo_id"], {"revision": revision}
     raise WeightsUnavailable(
         f"{entry.path}: weights.source {source!r} is not one of asset, local, hub"
     )
+
+
+def remote_code_kwargs(entry: RegistryEntry, location: str) -> dict[str, Any]:
+    """`trust_remote_code` for `from_pretrained`/`from_config`, or a refusal.
+
+    Remote code runs only when the entry opts in (`weights.trust_remote_code: true`) AND pins a
+    40-hex revision: the hub commit, or for a local directory its `code_revision`.
+    """
+    weights = entry.weights
+    if not weights.get("trust_remote_code"):
+        raise WeightsUnavailable(
+            f"model {entry.name!r}: {location} needs remote code, and {entry.path} does not "
+            f"allow it. Fix: review the code, then set weights.trust_remote_code: true and pin "
+            f"weights.revision."
+        )
+    revision = weights.get("revision")
+    if not isinstance(revision, str) or not REVISION.match(revision):
+        raise WeightsUnavailable(
+            f"model {entry.name!r}: remote code refused: weights.revision = {revision!r} in "
+            f"{entry.path} is not a 40-hex revision; a revision must be pinned before remote "
+            f"code runs. Fix: pin the hub commit sha (or, for a local directory, its "
+            f"vlmprobe.models.base.code_revision)."
+        )
+    directory = Path(location)
+    if directory.is_dir():
+        actual = code_revision(directory)
+        if actual != revision:
+            raise WeightsUnavailable(
+                f"model {entry.name!r}: remote code refused: the code in {directory} has "
+                f"revision {actual}, but {entry.path} pins {revision}. Fix: review the changed "
+                f"code, then pin weights.revision: {actual}."
+            )
+    return {"trust_remote_code": True}
+
+
+def safetensors_kwargs(entry: RegistryEntry) -> dict[str, Any]:
+    """Only safetensors weights load (pickled weights can run code) unless the entry opts in."""
+    return {"use_safetensors": not entry.weights.get("allow_pickle_weights", False)}
 
 
 def load_pretrained(loader: Any, entry: RegistryEntry, project_root: Path, **kwargs: Any) -> Any:
@@ -90,9 +164,12 @@ def load_pretrained(loader: Any, entry: RegistryEntry, project_root: Path, **kwa
     try:
         return loader.from_pretrained(location, **extra, **kwargs)
     except OSError as e:
+        revision = extra.get("revision")
+        at = f" at revision {revision}" if revision else ""
         raise WeightsUnavailable(
-            f"model {entry.name!r}: cannot load weights from {location!r} ({e.__class__.__name__}:"
-            f" {str(e).splitlines()[0] if str(e) else ''}). No model hub is reachable offline: "
-            f"download the checkpoint where a hub is reachable, then point weights.path of a "
-            f"`source: local` entry at it (see README, 'Real checkpoints')."
+            f"model {entry.name!r}: cannot load weights of {location!r}{at} "
+            f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}). No model "
+            f"hub is reachable offline. Fix: download the checkpoint where a hub is reachable, "
+            f"then either put it in the hub cache (HF_HUB_CACHE, default "
+            f"~/.cache/huggingface/hub) or point weights.path of a `source: local` entry at it."
         ) from e

@@ -23,6 +23,10 @@ ENTRIES_DIR = Path(__file__).parent / "entries"
 FAMILIES: dict[str, str] = {
     "dinov2": "vlmprobe.models.dinov2:Dinov2Adapter",
     "pixels": "vlmprobe.models.pixels:PixelsAdapter",
+    "qwen2_5_vl": "vlmprobe.models.qwen2_5_vl:Qwen25VLAdapter",
+    "llava_next": "vlmprobe.models.llava_next:LlavaNextAdapter",
+    "internvl2": "vlmprobe.models.internvl2:InternVL2Adapter",
+    "cogvlm2": "vlmprobe.models.cogvlm2:CogVLM2Adapter",
 }
 
 

@@ -1,8 +1,10 @@
-"""Stage `extract`: features of every extraction point of `vlm` for every image.
+"""Stage `extract`: features of every extraction point of `vlm` for every image and clip frame.
 
-Params are validated and the registry checked before any model loads. Work goes to a
-scratch directory keyed by everything that determines the features, so an interrupted run
-resumes; the finished store is moved onto `data/features` in one rename.
+Params are validated and the registry and points checked before any weights load. Work goes
+to a scratch directory keyed by everything that determines the features, so an interrupted
+run (even `kill -9`) resumes from its last complete shard; each finished store is moved onto
+`data/features` / `data/clip_features` in one rename. Clip frames are stored as images
+`clip_id * n_frames + t`. `metrics/extract.json` records sizes, speed and provenance.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vlmprobe.data.dataset import SPLITS, load_all_images
 from vlmprobe.extract.engine import extract_to_store
-from vlmprobe.models.base import WeightsUnavailable
+from vlmprobe.io import write_json
+from vlmprobe.models.base import WeightsUnavailable, dtype_for
 from vlmprobe.models.registry import RegistryError, adapter_for, get_entry, select_points
 from vlmprobe.params import ParamsError, get, load_params, require_choice, require_int
 
@@ -29,13 +33,33 @@ DEVICES = ("cpu", "cuda", "auto")
 
 def validate(params: dict) -> dict:
     entry = get_entry(get(params, "vlm"))
+    points = select_points(entry, get(params, "extract.points"))
     return {
         "entry": entry,
-        "points": select_points(entry, get(params, "extract.points")),
+        "points": points,
+        "clip_points": clip_points(points, get(params, "extract.clip_points")),
         "batch_size": require_int(params, "extract.batch_size", 1, 4096),
         "shard_size": require_int(params, "extract.shard_size", 1, 100_000),
         "device": require_choice(params, "extract.device", DEVICES),
     }
+
+
+def clip_points(points: list[str], requested: str | list[str]) -> list[str]:
+    """The points extracted for clip frames: `deepest` (of `points`), `all`, or a list.
+
+    Clips have eight frames each, so every extra point costs eight times an image's storage.
+    """
+    if requested == "deepest":
+        return points[-1:]
+    if requested == "all":
+        return points
+    if isinstance(requested, list) and requested and set(requested) <= set(points):
+        return [p for p in points if p in requested]
+    raise ParamsError(
+        f"params.yaml: extract.clip_points = {requested!r} must be 'deepest', 'all' or a list "
+        f"of extracted points ({', '.join(points)}). "
+        "Fix: `dvc exp run -S extract.clip_points=deepest`."
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,63 +73,119 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def fingerprint(config: dict, data_dir: Path) -> str:
-    """Hash of everything that determines the features: entry, points, shards, dataset."""
+def fingerprint(
+    config: dict, device: torch.device, data_files: list[Path], points: list[str]
+) -> str:
+    """Hash of everything that determines the features: entry, points, batching, device, data."""
     h = hashlib.sha256()
     entry = config["entry"]
     h.update(entry.path.read_bytes())
-    h.update(json.dumps([config["points"], config["shard_size"]]).encode())
-    for split in SPLITS:
-        h.update((data_dir / f"instances_{split}.json").read_bytes())
+    h.update(json.dumps([points, config["shard_size"], config["batch_size"],
+                         str(device)]).encode())
+    for path in data_files:
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def load_clip_frames(clips_dir: Path) -> tuple[list[int], np.ndarray, list[int], int]:
+    """Every frame of every clip as an image: ids `clip_id * n_frames + t`, frames, clip ids."""
+    path = clips_dir / "clips.npz"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; run `dvc repro data` to generate the clips.")
+    with np.load(path) as clips:
+        frames, clip_ids = clips["frames"], [int(c) for c in clips["clip_id"]]
+    n_frames = frames.shape[1]
+    ids = [c * n_frames + t for c in clip_ids for t in range(n_frames)]
+    return ids, frames.reshape(-1, *frames.shape[2:]), clip_ids, n_frames
+
+
+def publish(work: Path, out: Path) -> None:
+    """Move a finished scratch store onto `out`."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(work, out)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--clips", type=Path, default=Path("data/moving_shapes"))
     parser.add_argument("--out", type=Path, default=Path("data/features"))
+    parser.add_argument("--clip-out", type=Path, default=Path("data/clip_features"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/extract.json"))
     parser.add_argument("--work", type=Path, default=Path(".vlmprobe"))
     args = parser.parse_args(argv)
     try:
         params = load_params(PARAMS)
         config = validate(params)
         device = resolve_device(config["device"])
-    except (ParamsError, RegistryError) as e:
+        adapter = adapter_for(config["entry"])
+        adapter.check_points(config["points"], Path.cwd())
+    except (ParamsError, RegistryError, WeightsUnavailable) as e:
         raise SystemExit(f"error: {e}") from None
 
     torch.manual_seed(0)
     entry = config["entry"]
-    adapter = adapter_for(entry)
     image_ids, images = load_all_images(args.data)
-    work = args.work / f"extract-{entry.name}-{fingerprint(config, args.data)}"
+    clip_ids, clip_frames, clips, n_frames = load_clip_frames(args.clips)
     try:
         model = adapter.load(Path.cwd(), device)
         provenance = adapter.weights_provenance(Path.cwd())
     except WeightsUnavailable as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"{entry.display_name}: points {', '.join(config['points'])} on {len(image_ids)} images")
-    extract_to_store(
-        adapter,
-        model,
-        images,
-        image_ids,
-        config["points"],
-        work,
-        batch_size=config["batch_size"],
-        shard_size=config["shard_size"],
-        device=device,
-        manifest_extra={
-            "vlm": entry.name,
-            "display_name": entry.display_name,
-            "family": entry.family,
-            "weights": provenance,
-            "dataset": str(args.data),
-        },
-    )
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(work, args.out)
+    print(f"{entry.display_name}: points {', '.join(config['points'])} on {len(image_ids)} "
+          f"images and {len(clip_ids)} clip frames")
+    common = {
+        "vlm": entry.name,
+        "display_name": entry.display_name,
+        "family": entry.family,
+        "weights": provenance,
+    }
+    jobs = [
+        ("images", [args.data / f"instances_{s}.json" for s in SPLITS], config["points"],
+         image_ids, images, args.out, {"dataset": str(args.data)}),
+        ("clips", [args.clips / "clips.npz"], config["clip_points"], clip_ids, clip_frames,
+         args.clip_out, {"dataset": str(args.clips), "n_frames": n_frames, "clip_ids": clips}),
+    ]
+    timings, manifests, finished = {}, {}, []
+    for name, data_files, points, ids, frames, out, extra in jobs:
+        work = args.work / (
+            f"extract-{name}-{entry.name}-{fingerprint(config, device, data_files, points)}"
+        )
+        timings[name] = {}
+        manifests[name] = extract_to_store(
+            adapter, model, frames, ids, points, work,
+            batch_size=config["batch_size"], shard_size=config["shard_size"], device=device,
+            manifest_extra={**common, **extra}, timing=timings[name],
+        )
+        finished.append((work, out))
+    # Publish only once both stores are complete, so a run killed during the clips still
+    # finds the images' scratch store and resumes instead of starting over.
+    for work, out in finished:
+        publish(work, out)
+    write_json(args.metrics, extraction_metrics(manifests, timings, device, provenance))
+
+
+def extraction_metrics(manifests: dict, timings: dict, device: torch.device,
+                       provenance: dict) -> dict:
+    """What metrics/extract.json records: sizes per point, speed, device, weights."""
+    images = manifests["images"]
+    extracted = sum(t["images"] for t in timings.values())
+    seconds = sum(t["seconds"] for t in timings.values())
+    return {
+        "vlm": images["vlm"],
+        "device": str(device),
+        "dtype": str(dtype_for(device)).removeprefix("torch."),
+        "stored_dtype": images["dtype"],
+        "images": len(images["image_ids"]),
+        "clip_frames": len(manifests["clips"]["image_ids"]),
+        # Over the images this run computed (a resumed run skips finished shards); null if none.
+        "seconds_per_image": round(seconds / extracted, 4) if extracted else None,
+        "points": {p: {"n_tokens": info["n_tokens"], "dim": info["dim"]}
+                   for p, info in images["points"].items()},
+        "weights": provenance,
+    }
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""LLaVA-NeXT (transformers LlavaNextForConditionalGeneration), anyres.
+
+Point kinds: `vision` (the CLIP layer the model feeds its projector, `vision_feature_layer`),
+`projector` (after the MLP projector) and `llm`. Every point stores two grids: the base image
+(one crop resized whole) and the high-resolution crops stitched and unpadded exactly as the
+model packs them. The LLM's `image_newline` tokens (one after each high-res row) are not image
+regions and are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlmprobe.extract.geometry import Grid, TokenGeometry
+from vlmprobe.models.registry import RegistryError
+from vlmprobe.models.vlm import VLMAdapter, offline_tokenizer, prompt_words, token_positions
+
+TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+
+
+class LlavaNextAdapter(VLMAdapter):
+    point_kinds = ("vision", "projector", "llm")
+
+    def model_class(self) -> type:
+        from transformers import LlavaNextForConditionalGeneration
+
+        return LlavaNextForConditionalGeneration
+
+    def layer_counts(self, config: Any) -> dict[str, int]:
+        if config.vision_feature_select_strategy != "default" or not isinstance(
+            config.vision_feature_layer, int
+        ):
+            raise RegistryError(
+                f"model {self.entry.name!r}: vision_feature_select_strategy "
+                f"{config.vision_feature_select_strategy!r} / vision_feature_layer "
+                f"{config.vision_feature_layer!r} are not supported; vlmprobe handles one "
+                f"feature layer with the CLS token dropped ('default')."
+            )
+        return {"vision": config.vision_config.num_hidden_layers,
+                "llm": config.text_config.num_hidden_layers}
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.language_model.layers
+
+    def setup(self, model: nn.Module, pretrained: tuple[str, dict[str, Any]] | None) -> None:
+        from transformers import AutoProcessor, LlavaNextImageProcessor, LlavaNextProcessor
+
+        self.config = model.config
+        if pretrained is not None:
+            location, kwargs = pretrained
+            self.processor = AutoProcessor.from_pretrained(
+                location, revision=kwargs.get("revision")
+            )
+            return
+        vision = self.config.vision_config
+        side = vision.image_size
+        tokenizer = offline_tokenizer(
+            {"<image>": self.config.image_token_id, "<pad>": 0},
+            prompt_words(TEMPLATE.format(prompt=self.prompt).replace("<image>", "")),
+            pad_token="<pad>",
+        )
+        self.processor = LlavaNextProcessor(
+            image_processor=LlavaNextImageProcessor(
+                size={"shortest_edge": side},
+                crop_size={"height": side, "width": side},
+                image_grid_pinpoints=self.config.image_grid_pinpoints,
+            ),
+            tokenizer=tokenizer,
+            patch_size=vision.patch_size,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # the CLS token the model drops
+        )
+
+    def prepare(self, images: np.ndarray, device: torch.device) -> dict[str, Any]:
+        text = TEMPLATE.format(prompt=self.prompt)
+        inputs = self.processor(
+            text=[text] * len(images), images=list(images), return_tensors="pt", padding=True
+        )
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    def point_module(self, model: nn.Module, point: str) -> nn.Module:
+        kind = self.entry.points[point]["kind"]
+        if kind == "vision":
+            tower = model.model.vision_tower
+            tower = getattr(tower, "vision_model", tower)  # CLIP in 5.x has no such level
+            return tower.encoder.layers[self.config.vision_feature_layer]
+        if kind == "projector":
+            return model.model.multi_modal_projector
+        return self.llm_module(model, point)
+
+    def _grids(self, image_size: tuple[int, int]) -> tuple[int, tuple[int, int], tuple[int, int]]:
+        """Base grid side, the crop layout (rows, cols) and the unpadded high-res grid shape."""
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            unpad_image,
+        )
+
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        rows, cols = get_anyres_image_grid_shape(
+            list(image_size), self.config.image_grid_pinpoints, vision.image_size
+        )
+        unpadded = unpad_image(torch.empty(0, rows * side, cols * side), list(image_size))
+        return side, (rows, cols), tuple(unpadded.shape[1:])
+
+    def geometry(self, point: str, image_size: tuple[int, int]) -> TokenGeometry:
+        side, _, (rows, cols) = self._grids(image_size)
+        h, w = image_size
+        whole = (0.0, 0.0, float(w), float(h))
+        return TokenGeometry(image_size=(h, w), grids=(Grid(side, side, whole),
+                                                       Grid(rows, cols, whole)))
+
+    def encoder_tokens(self, point: str, output: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """Per-crop tokens (B * crops, [CLS +] side^2, D) -> base grid + unpadded high-res grid."""
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+        crops = output[0] if isinstance(output, tuple | list) else output
+        batch = inputs["pixel_values"].shape[0]
+        image_size = tuple(int(v) for v in inputs["image_sizes"][0])
+        side, (rows, cols), _ = self._grids(image_size)
+        crops = crops[:, -side * side :]  # drop CLS (vision layers); projector has none
+        crops = crops.reshape(batch, -1, side, side, crops.shape[-1])
+        base = crops[:, 0].flatten(1, 2)
+        tiles = crops[:, 1 : 1 + rows * cols].reshape(batch, rows, cols, side, side, -1)
+        stitched = tiles.permute(0, 5, 1, 3, 2, 4).reshape(batch, -1, rows * side, cols * side)
+        high = torch.stack([unpad_image(x, list(image_size)) for x in stitched])
+        return torch.cat([base, high.flatten(2).transpose(1, 2)], dim=1)
+
+    def image_token_index(self, inputs: dict[str, Any]) -> torch.Tensor:
+        positions = token_positions(inputs["input_ids"] == self.config.image_token_id)
+        image_size = tuple(int(v) for v in inputs["image_sizes"][0])
+        side, _, (rows, cols) = self._grids(image_size)
+        n_base = side * side
+        # High-res tokens come row by row, each row followed by one newline token.
+        row_major = torch.arange(rows * (cols + 1)).reshape(rows, cols + 1)[:, :cols].flatten()
+        keep = torch.cat([torch.arange(n_base), n_base + row_major])
+        if positions.shape[1] != n_base + rows * (cols + 1):
+            raise ValueError(
+                f"{positions.shape[1]} image tokens in the prompt, expected "
+                f"{n_base} + {rows}x({cols}+1) for an image of {image_size}"
+            )
+        return positions[:, keep.to(positions.device)]

@@ -1,0 +1,236 @@
+"""What the four VLM families share: building the model, validating points, LLM-layer tokens.
+
+A VLM entry's `weights.source` is `hub`/`local` (a pretrained checkpoint) or `random` (the
+family's real architecture class from `weights.config`, random weights, seeded, no download:
+the `_tiny` and `_random` entries). Remote-code families take the class from a local code
+directory (`weights.code_dir`, a path inside this package or absolute) under the same
+`trust_remote_code` + pinned-revision rule as a hub checkpoint.
+
+Points are `{kind: ..., layer: ...}` locators. Every family has `llm` points: the output of
+decoder layer `layer` (1-based, as `hidden_states[layer]`; -1 = the last layer, before the final
+norm), keeping only the image-token positions, in grid order. Other kinds are family-specific;
+a non-`llm` point with a `layer` indexes the vision encoder's layers the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vlmprobe.models.base import (
+    ModelAdapter,
+    WeightsUnavailable,
+    dtype_for,
+    remote_code_kwargs,
+    resolve_pretrained,
+    safetensors_kwargs,
+)
+from vlmprobe.models.registry import RegistryError
+
+PACKAGE_DIR = Path(__file__).parent
+DEFAULT_PROMPT = "Describe the image."
+
+
+def deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in, nested dicts key by key."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_update(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def offline_tokenizer(special_ids: dict[str, int], words: list[str], **special_roles: str):
+    """A word-level tokenizer built in memory, for random-weight entries (no download).
+
+    `special_ids` pins each special token to the id the model config expects; plain words get
+    the lowest free ids. `special_roles` names e.g. pad_token="<|endoftext|>".
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(special_ids)
+    free = (i for i in range(len(vocab) + len(words) + 1) if i not in vocab.values())
+    for word in [*words, "[UNK]"]:
+        vocab.setdefault(word, next(free))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        additional_special_tokens=list(special_ids),
+        **special_roles,
+    )
+
+
+def prompt_words(prompt: str) -> list[str]:
+    return prompt.replace(".", " .").lower().split()
+
+
+def gather_positions(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden (B, S, D), index (B, T) -> (B, T, D)."""
+    index = index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
+    return torch.gather(hidden, 1, index)
+
+
+def token_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions of the True entries of a (B, S) mask; every row must have T of them."""
+    counts = mask.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError(f"images in one batch have different token counts: {counts.tolist()}")
+    return mask.nonzero()[:, 1].reshape(mask.shape[0], -1)
+
+
+class VLMAdapter(ModelAdapter):
+    """Loading, point validation and `llm` points; families fill in the rest."""
+
+    remote_code: ClassVar[bool] = False
+    point_kinds: ClassVar[tuple[str, ...]] = ("llm",)
+
+    # -- family-specific -------------------------------------------------------------------
+    @abstractmethod
+    def model_class(self) -> type:
+        """The transformers class (native families) or Auto class (remote-code families)."""
+
+    @abstractmethod
+    def layer_counts(self, config: Any) -> dict[str, int]:
+        """Depth of each layered stack the points index, e.g. {"vision": 32, "llm": 28}."""
+
+    @abstractmethod
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The language model's decoder layers."""
+
+    @abstractmethod
+    def image_token_index(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """(B, T) sequence positions of the image's spatial tokens, in geometry order."""
+
+    @abstractmethod
+    def setup(self, model: nn.Module, pretrained: tuple[str, dict[str, Any]] | None) -> None:
+        """Build the processor/tokenizer: from the checkpoint (`pretrained` = location and
+        from_pretrained kwargs), or offline for random weights (`pretrained` None)."""
+
+    # -- shared ----------------------------------------------------------------------------
+    @property
+    def prompt(self) -> str:
+        return str(self.entry.options.get("prompt", DEFAULT_PROMPT))
+
+    def _source(self) -> str:
+        return self.entry.weights.get("source", "")
+
+    def _code_dir(self) -> Path:
+        code_dir = Path(self.entry.weights["code_dir"])
+        return code_dir if code_dir.is_absolute() else PACKAGE_DIR / code_dir
+
+    def model_config(self, project_root: Path) -> Any:
+        """The model config, without touching weights."""
+        from transformers import AutoConfig
+
+        weights = self.entry.weights
+        overrides = weights.get("config") or {}
+        if self._source() == "random":
+            if self.remote_code:
+                code_dir = self._code_dir()
+                base = AutoConfig.from_pretrained(
+                    str(code_dir), **remote_code_kwargs(self.entry, str(code_dir))
+                )
+                return type(base).from_dict(deep_update(base.to_dict(), overrides))
+            return self.model_class().config_class(**overrides)
+        if weights.get("needs_conversion"):
+            raise WeightsUnavailable(
+                f"model {self.entry.name!r}: {weights['repo_id']} cannot be loaded as published: "
+                f"{weights['needs_conversion']}."
+            )
+        location, extra = resolve_pretrained(self.entry, project_root)
+        kwargs = remote_code_kwargs(self.entry, location) if self.remote_code else {}
+        try:
+            return AutoConfig.from_pretrained(location, **extra, **kwargs)
+        except OSError as e:
+            raise WeightsUnavailable(
+                f"model {self.entry.name!r}: no config for {location!r} "
+                f"{extra.get('revision', '')} offline ({e}). Fix: put the checkpoint in the hub "
+                f"cache (HF_HUB_CACHE) or point a `source: local` entry's weights.path at it."
+            ) from e
+
+    def check_points(self, points: list[str], project_root: Path) -> None:
+        counts = self.layer_counts(self.model_config(project_root))
+        for point in points:
+            spec = self.entry.points[point]
+            kind = spec.get("kind")
+            if kind not in self.point_kinds:
+                raise RegistryError(
+                    f"{self.entry.path}: point {point!r} has kind {kind!r}; the "
+                    f"{self.entry.family} family has kinds {', '.join(self.point_kinds)}"
+                )
+            if "layer" not in spec:
+                continue
+            stack = "llm" if kind == "llm" else "vision"
+            layer, depth = spec.get("layer"), counts[stack]
+            if not isinstance(layer, int) or not (layer == -1 or 1 <= layer <= depth):
+                raise RegistryError(
+                    f"{self.entry.path}: point {point!r} asks for {stack} layer {layer!r}, but "
+                    f"model {self.entry.name!r} has {depth} {stack} layers (valid: 1..{depth} or "
+                    f"-1 for the last). Valid points of this entry: {', '.join(self.entry.points)}."
+                )
+
+    def load(self, project_root: Path, device: torch.device) -> nn.Module:
+        config = self.model_config(project_root)
+        dtype = dtype_for(device)
+        if self._source() == "random":
+            torch.manual_seed(int(self.entry.weights.get("seed", 0)))
+            extra = {"trust_remote_code": True} if self.remote_code else {}
+            with torch.device(device):
+                if self.remote_code:
+                    model = self.model_class().from_config(config, dtype=dtype, **extra)
+                else:
+                    model = self.model_class()._from_config(config, dtype=dtype)
+            pretrained = None
+        else:
+            location, extra = resolve_pretrained(self.entry, project_root)
+            if self.remote_code:
+                extra.update(remote_code_kwargs(self.entry, location))
+            try:
+                model = self.model_class().from_pretrained(
+                    location, config=config, dtype=dtype, **extra, **safetensors_kwargs(self.entry)
+                )
+            except OSError as e:
+                raise WeightsUnavailable(
+                    f"model {self.entry.name!r}: cannot load weights of {location!r} "
+                    f"{extra.get('revision', '')} ({e}). Only safetensors weights load unless "
+                    f"the entry sets weights.allow_pickle_weights: true. Fix: put the checkpoint "
+                    f"in the hub cache (HF_HUB_CACHE) or point a `source: local` entry at it."
+                ) from e
+            model = model.to(device)
+            pretrained = (location, extra)
+        self.setup(model, pretrained)
+        return model.eval()
+
+    def weights_provenance(self, project_root: Path) -> dict[str, Any]:
+        record = {k: v for k, v in self.entry.weights.items() if k != "config"}
+        if self._source() == "random":
+            record["label"] = "RANDOM WEIGHTS (architecture only; no trained model)"
+        return record
+
+    def llm_module(self, model: nn.Module, point: str) -> nn.Module:
+        layers = self.decoder_layers(model)
+        layer = self.entry.points[point]["layer"]
+        return layers[-1] if layer == -1 else layers[layer - 1]
+
+    def llm_tokens(self, output: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        hidden = output[0] if isinstance(output, tuple | list) else output
+        return gather_positions(hidden, self.image_token_index(inputs))
+
+    def point_tokens(self, point: str, output: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        if self.entry.points[point]["kind"] == "llm":
+            return self.llm_tokens(output, inputs)
+        return self.encoder_tokens(point, output, inputs)
+
+    @abstractmethod
+    def encoder_tokens(self, point: str, output: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """Tokens (B, T, D) of a non-LLM point, in geometry order."""

@@ -1,0 +1,100 @@
+"""The engine writes a complete sharded store; the stage writes images, clips and metrics."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run, set_params
+from test_models_vlm import CPU, images, loaded
+from vlmprobe.extract.engine import extract_to_store
+from vlmprobe.extract.store import FeatureStore
+from vlmprobe.io import read_json
+from vlmprobe.params import ParamsError
+from vlmprobe.stages.extract import clip_points
+
+# Tiny data: 10 images and 3 clips of 2 frames.
+TINY_DATA = {
+    "data.shapes.n_train": 6, "data.shapes.n_val": 2, "data.shapes.n_test": 2,
+    "data.moving_shapes.n_train": 1, "data.moving_shapes.n_val": 1,
+    "data.moving_shapes.n_test": 1, "data.moving_shapes.n_frames": 2,
+}
+
+
+def stage_project(dest: Path, vlm: str, data: bool = True, **extract) -> Path:
+    """A directory with params.yaml (and generated data) for the extract stage."""
+    dest.mkdir(parents=True)
+    (dest / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(dest / "params.yaml", {**TINY_DATA, "vlm": vlm,
+                                      **{f"extract.{k}": v for k, v in extract.items()}})
+    if data:
+        run([sys.executable, "-m", "vlmprobe.stages.data"], dest)
+    return dest
+
+
+def test_store_holds_every_point_shard_and_geometry(tmp_path):
+    adapter, model = loaded("llava_next_tiny")
+    batch = images(5)
+    timing = {}
+    manifest = extract_to_store(
+        adapter, model, batch, [10, 11, 12, 13, 14], ["L1", "L5"], tmp_path,
+        batch_size=2, shard_size=3, device=CPU, manifest_extra={"vlm": "x"}, timing=timing,
+    )
+    store = FeatureStore.open(tmp_path)
+    assert store.points == ["L1", "L5"] and manifest["points"]["L1"]["shards"] == [
+        "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert store.load("L5").shape == (5, 80, 64)
+    assert store.load("L1", [14, 10]).shape == (2, 80, 32)
+    assert store.geometry("L1").n_tokens == 80 and len(store.geometry("L1").grids) == 2
+    assert timing["images"] == 5 and timing["seconds"] > 0
+    # A second call finds every shard complete and computes nothing.
+    extract_to_store(adapter, model, batch, [10, 11, 12, 13, 14], ["L1", "L5"], tmp_path,
+                     batch_size=2, shard_size=3, device=CPU, manifest_extra={}, timing=timing)
+    assert timing["images"] == 0
+
+
+def test_stage_writes_image_and_clip_stores_and_metrics(tmp_path):
+    project = stage_project(tmp_path / "p", "cogvlm2_tiny", batch_size=4, shard_size=4)
+    run([sys.executable, "-m", "vlmprobe.stages.extract"], project)
+    images_store = FeatureStore.open(project / "data/features")
+    clips = FeatureStore.open(project / "data/clip_features")
+    assert images_store.points == ["C1", "C2", "C3", "C4"]
+    assert clips.points == ["C4"]  # extract.clip_points: deepest
+    assert clips.manifest["n_frames"] == 2 and clips.manifest["clip_ids"] == [0, 1, 2]
+    assert clips.image_ids == [0, 1, 2, 3, 4, 5]  # clip_id * n_frames + t
+    with np.load(project / "data/moving_shapes/clips.npz") as data:
+        assert data["frames"].shape[:2] == (3, 2)
+    metrics = read_json(project / "metrics/extract.json")
+    assert metrics["points"]["C1"] == {"n_tokens": 16, "dim": 32}
+    assert metrics["images"] == 10 and metrics["clip_frames"] == 6
+    assert metrics["device"] == "cpu" and metrics["dtype"] == "float32"
+    assert metrics["seconds_per_image"] > 0
+    assert "RANDOM" in metrics["weights"]["label"]
+    assert not list((project / ".vlmprobe").glob("extract-*"))  # scratch moved into place
+
+
+def test_stage_rejects_a_bad_point_before_loading(tmp_path):
+    project = stage_project(tmp_path / "p", "qwen2_5_vl_tiny", data=False, points=["Q9"])
+    result = run([sys.executable, "-m", "vlmprobe.stages.extract"], project, check=False)
+    assert result.returncode != 0
+    assert "valid points: Q1, Q2, Q3, Q4, Q5" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_stage_refuses_a_missing_gpu(tmp_path):
+    project = stage_project(tmp_path / "p", "qwen2_5_vl_tiny", data=False, device="cuda")
+    result = run([sys.executable, "-m", "vlmprobe.stages.extract"], project, check=False)
+    assert result.returncode != 0 and "no CUDA device" in result.stderr
+
+
+def test_clip_points_default_to_the_deepest_and_reject_unknown_ones():
+    points = ["a", "b", "c"]
+    assert clip_points(points, "deepest") == ["c"]
+    assert clip_points(points, "all") == points
+    assert clip_points(points, ["c", "a"]) == ["a", "c"]
+    with pytest.raises(ParamsError, match="extract.clip_points = \\['z'\\]"):
+        clip_points(points, ["z"])
