@@ -25,6 +25,18 @@ SMALL_PARAMS = {
     "data.moving_shapes.n_val": 8,
     "data.moving_shapes.n_test": 8,
     "probe.bootstrap": 200,
+    # Trained probes and adapters: a few steps prove the plumbing; the bands are checked on the
+    # default run, not here.
+    "probe.dense.steps": 20,
+    "probe.dense.eval_every": 10,
+    "probe.detr.steps": 20,
+    "probe.detr.eval_every": 10,
+    "probe.reconstruction.steps": 10,
+    "probe.reconstruction.eval_every": 5,
+    "align.interval_rounds": 20,
+    "reconstruct.warmup_epochs": 1,
+    "reconstruct.epochs": 0,
+    "reconstruct.bootstrap": 100,
 }
 
 

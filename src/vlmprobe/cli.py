@@ -1,7 +1,9 @@
-"""`vlmprobe`: check params and list models without running the pipeline.
+"""`vlmprobe`: check params, list models, compare runs and report on pull requests.
 
     vlmprobe validate   every stage's params, in seconds, before `dvc repro` loads anything
     vlmprobe models     the registered models and their extraction points
+    vlmprobe compare    every run (workspace, experiments) decided on together: results/p4/*.md
+    vlmprobe pr-report  metrics, params and plots against a base revision, offline: report/
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from vlmprobe.models.registry import RegistryError, entries
-from vlmprobe.params import ParamsError, load_params
+from vlmprobe.params import ParamsError, get, load_params
 
 
 def stage_modules(dvc_yaml: Path) -> dict[str, str]:
@@ -47,6 +49,40 @@ def list_models() -> str:
     return "\n".join(lines)
 
 
+def compare(args: argparse.Namespace) -> int:
+    # Imported here: these load matplotlib, and `validate` must stay quick.
+    from vlmprobe.compare.deliverables import DOCUMENTS, write_deliverables
+    from vlmprobe.compare.gather import exp_show, git_reader
+    from vlmprobe.dvc_run import DvcError
+
+    try:
+        baseline = args.speed_baseline or get(load_params(["select"], args.params),
+                                              "select.speed_baseline")
+        result = write_deliverables(exp_show(Path.cwd()), git_reader(Path.cwd()), args.out,
+                                    args.kinds, baseline)
+    except (DvcError, ParamsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name in DOCUMENTS:
+        print(args.out / name)
+    decision = result["recommendation"]
+    print(f"E-P4.7: {decision.get('action') or decision['status']}")
+    return 0
+
+
+def pr_report(args: argparse.Namespace) -> int:
+    from vlmprobe.dvc_run import DvcError
+    from vlmprobe.pr_report import report
+
+    try:
+        report(Path.cwd(), args.base, args.out, args.figure_url)
+    except DvcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(args.out / "report.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmprobe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,10 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--params", type=Path, default=Path("params.yaml"))
     check.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"))
     sub.add_parser("models", help="list registered models and their points")
+    cmp = sub.add_parser("compare", help="decide across all runs; write results/p4/*.md")
+    cmp.add_argument("--out", type=Path, default=Path("results/p4"))
+    cmp.add_argument("--kinds", nargs="+", default=["vlm"],
+                     help="registry kinds that are candidates (default: vlm)")
+    cmp.add_argument("--speed-baseline", help="registry entry for inference speed "
+                     "(default: params.yaml select.speed_baseline)")
+    cmp.add_argument("--params", type=Path, default=Path("params.yaml"))
+    pr = sub.add_parser("pr-report", help="metrics/params/plots diff against a base, offline")
+    pr.add_argument("--base", default="main", help="git revision to compare with")
+    pr.add_argument("--out", type=Path, default=Path("report"))
+    pr.add_argument("--figure-url", help="prefix for figure links (CI); default figures/")
     args = parser.parse_args(argv)
     if args.command == "models":
         print(list_models())
         return 0
+    if args.command == "compare":
+        return compare(args)
+    if args.command == "pr-report":
+        return pr_report(args)
     errors = validate(args.params, args.dvc_yaml)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)

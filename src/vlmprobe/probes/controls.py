@@ -2,9 +2,13 @@
 
 - oracle (positive): tokens built from the ground truth itself, so the information is
   present and linearly decodable by construction; a probe that fails here is broken.
-- shuffled (negative): the model's own tokens with positions permuted per image; a probe
-  that still scores here reads something other than layout.
-- pixels (context): raw patches on the same grid; the information ceiling for reconstruction.
+- oracle_shuffled (negative): the oracle tokens with positions permuted per image, so only
+  dataset priors (typical box sizes, object counts) remain; a probe that still scores here
+  reads something other than layout.
+- pixels (positive for reconstruction): raw patches on the same grid, the information ceiling.
+- shuffled: the model's own tokens with positions permuted per image. For local probes (bbox,
+  dense, reconstruction) a negative control; for non-local ones (DETR-style, direction) a
+  diagnostic: a model that writes absolute position into token content keeps it when shuffled.
 """
 
 from __future__ import annotations

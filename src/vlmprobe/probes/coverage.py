@@ -16,16 +16,10 @@ from scipy import ndimage
 
 from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry, region_coverage
-from vlmprobe.metrics.boxes import bootstrap_ci, matched_iou, ratio_of_sums, xyxy_to_xywh
+from vlmprobe.metrics.boxes import bootstrap_ci, matched_iou, ratio_of_sums
 from vlmprobe.metrics.coco_map import coco_map, load_coco
+from vlmprobe.probes.detection import Detections, class_ids, coco_detections
 from vlmprobe.probes.ridge import LinearMap, fit_ridge_path
-
-
-@dataclass(frozen=True)
-class Detections:
-    boxes: np.ndarray  # (K, 4) xyxy pixels
-    labels: np.ndarray  # (K,) category ids
-    scores: np.ndarray  # (K,)
 
 
 @dataclass(frozen=True)
@@ -35,10 +29,6 @@ class ProbeSettings:
     min_component_px: int
     bootstrap: int
     seed: int
-
-
-def class_ids(split: Split) -> list[int]:
-    return [c["id"] for c in split.categories]
 
 
 def coverage_targets(split: Split, geometry: TokenGeometry) -> np.ndarray:
@@ -103,16 +93,6 @@ def score_split(
         denoms.append(d)
         detections.append(found)
     return np.asarray(sums), np.asarray(denoms), detections
-
-
-def coco_detections(split: Split, detections: list[Detections]) -> list[dict]:
-    return [
-        {"image_id": image_id, "category_id": int(label), "bbox": box.tolist(), "score": score}
-        for image_id, found in zip(split.image_ids, detections, strict=True)
-        for box, label, score in zip(
-            xyxy_to_xywh(found.boxes), found.labels, found.scores, strict=True
-        )
-    ]
 
 
 def run_bbox_probe(

@@ -1,11 +1,19 @@
-"""Stage `probe`: the bbox probe at every extraction point, beside its three controls."""
+"""Stage `probe`: the spatial probe protocol at the extraction points, beside its controls.
+
+bbox runs at every point; dense, DETR-style and reconstruction probes at the points their
+params name (`probe.<probe>.points`: a list or `all`); the temporal direction probe at every
+point of the clip feature store when `data/clip_features` exists.
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import json
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,31 +23,145 @@ from vlmprobe.extract.store import FeatureStore
 from vlmprobe.io import write_json, write_text
 from vlmprobe.params import (
     ParamsError,
+    get,
     load_params,
+    require_choice,
     require_float,
     require_float_list,
     require_int,
 )
 from vlmprobe.probes.controls import oracle_tokens, pixel_tokens, shuffled_tokens
-from vlmprobe.probes.coverage import ProbeSettings, coverage_targets, run_bbox_probe
+from vlmprobe.probes.coverage import ProbeSettings, coverage_targets
+from vlmprobe.probes.dense import DenseSettings
+from vlmprobe.probes.detr import DetrSettings
+from vlmprobe.probes.reconstruction import ReconstructionSettings
+from vlmprobe.probes.suite import Suite, SuiteSettings
+from vlmprobe.probes.temporal import ClipData, TemporalSettings, run_temporal
+from vlmprobe.probes.validity import CONTROLLED, Band
+from vlmprobe.report.figures import box_samples, reconstruction_samples
 
 PARAMS = ("probe",)
 ROUND = 4  # digits kept in metrics: float noise below this never shows up in a diff
+CONTROLS = ("oracle", "oracle_shuffled", "shuffled", "pixels")
+TRAINED = ("dense", "detr", "reconstruction")
+LPIPS_NETS = ("alex", "vgg")
+CLIP_FEATURES = Path("data/clip_features")
+CLIPS = Path("data/moving_shapes")
+LPIPS_ASSETS = Path("data/assets/lpips")
 
 
-def validate(params: dict) -> dict:
-    return {
-        "settings": ProbeSettings(
+def require_bool(params: dict, key: str) -> bool:
+    value = get(params, key)
+    if not isinstance(value, bool):
+        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid; expected true or false.")
+    return value
+
+
+def require_names(params: dict, key: str, valid: list[str] | None) -> list[str] | str:
+    """A list of names from `valid`, `all`, or `deepest` (the last of `valid`: for points, the
+    deepest extraction point of any model), kept in `valid`'s order. With `valid` None (the
+    feature store is not known yet) only the form is checked and the keyword returned as is."""
+    value = get(params, key)
+    if value == "all":
+        return list(valid) if valid is not None else value
+    if value == "deepest":
+        return list(valid)[-1:] if valid is not None else value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        choices = ", ".join(valid) if valid is not None else "the feature store's point ids"
+        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid; expected `all`, "
+                          f"`deepest` or a list of: {choices}. Fix: edit params.yaml.")
+    if valid is None:
+        return value
+    unknown = [v for v in value if v not in valid]
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: {key} names {', '.join(map(repr, unknown))}; valid choices: "
+            f"{', '.join(valid)} (or `all`, `deepest`). Fix: edit params.yaml or run "
+            f"`dvc exp run -S '{key}=[{valid[-1]}]'`."
+        )
+    return [v for v in valid if v in value]
+
+
+def _trainer(params: dict, probe: str, seed: int, bootstrap: int, threads: int) -> dict:
+    p = f"probe.{probe}"
+    return dict(
+        steps=require_int(params, f"{p}.steps", 1, 1_000_000),
+        batch_size=require_int(params, f"{p}.batch_size", 1, 4096),
+        lr=require_float(params, f"{p}.lr", 1e-6, 1.0),
+        width=require_int(params, f"{p}.width", 8, 4096),
+        eval_every=require_int(params, f"{p}.eval_every", 1, 1_000_000),
+        threads=threads, seed=seed, bootstrap=bootstrap,
+    )
+
+
+def validate(params: dict, points: list[str] | None = None) -> dict:
+    """Every param checked before any heavy work; named points are resolved against `points`
+    (the feature store's) when given."""
+    seed = require_int(params, "probe.seed", 0, 2**31 - 1)
+    bootstrap = require_int(params, "probe.bootstrap", 100, 100_000)
+    threads = require_int(params, "probe.threads", 1, 256)
+    detr_width = require_int(params, "probe.detr.width", 8, 4096)
+    heads = require_int(params, "probe.detr.heads", 1, 64)
+    if detr_width % (4 * heads):
+        raise ParamsError(f"params.yaml: probe.detr.width = {detr_width} must be a multiple of "
+                          f"4 x probe.detr.heads = {4 * heads}. Fix: edit params.yaml.")
+    rec = "probe.reconstruction"
+    settings = SuiteSettings(
+        bbox=ProbeSettings(
             alphas=require_float_list(params, "probe.ridge_alphas", 1e-9, 1e6),
             thresholds=require_float_list(params, "probe.thresholds", 0.01, 0.99),
             min_component_px=require_int(params, "probe.min_component_px", 1, 100_000),
-            bootstrap=require_int(params, "probe.bootstrap", 100, 100_000),
-            seed=require_int(params, "probe.seed", 0, 2**31 - 1),
+            bootstrap=bootstrap,
+            seed=seed,
         ),
+        dense=DenseSettings(
+            **_trainer(params, "dense", seed, bootstrap, threads),
+            depth=require_int(params, "probe.dense.depth", 1, 16),
+            flip=require_bool(params, "probe.dense.flip"),
+        ),
+        detr=DetrSettings(
+            **_trainer(params, "detr", seed, bootstrap, threads),
+            layers=require_int(params, "probe.detr.layers", 1, 16),
+            queries=require_int(params, "probe.detr.queries", 1, 1000),
+            heads=heads,
+            flip=require_bool(params, "probe.detr.flip"),
+        ),
+        reconstruction=ReconstructionSettings(
+            **_trainer(params, "reconstruction", seed, bootstrap, threads),
+            depth=require_int(params, f"{rec}.depth", 0, 16),
+            patch_px=require_int(params, f"{rec}.patch_px", 1, 64),
+            edge_threshold=require_float(params, f"{rec}.edge_threshold", 0.001, 1.0),
+            edge_tolerance=require_int(params, f"{rec}.edge_tolerance", 0, 32),
+        ),
+        bands={
+            probe: Band(
+                positive_min=require_float(params, f"probe.bands.{probe}.positive_min", 0.0, 1.0),
+                negative_max=require_float(params, f"probe.bands.{probe}.negative_max", 0.0, 1.0),
+                min_gap=require_float(params, f"probe.bands.{probe}.min_gap", 0.0, 1.0),
+            )
+            for probe in CONTROLLED
+        },
+        lpips_net=require_choice(params, f"{rec}.lpips_net", LPIPS_NETS),
+        assets_dir=LPIPS_ASSETS,
+        curves_dir=Path("plots/probe/curves"),
+    )
+    return {
+        "settings": settings,
+        "points": {p: require_names(params, f"probe.{p}.points", points) for p in TRAINED},
+        "controls": {p: require_names(params, f"probe.{p}.controls", list(CONTROLS))
+                     for p in TRAINED},
+        "temporal": TemporalSettings(
+            ridge_alphas=require_float_list(params, "probe.temporal.ridge_alphas", 1e-9, 1e6),
+            penalties=require_float_list(params, "probe.temporal.penalties", 1e-6, 1e6),
+            readout_frames=require_int(params, "probe.temporal.readout_frames", 1, 1000),
+            bootstrap=bootstrap, seed=seed,
+        ),
+        "temporal_oracle_noise": require_float(params, "probe.temporal.oracle_noise", 0.0, 10.0),
+        "temporal_controls": require_names(params, "probe.temporal.controls", list(CONTROLS)),
         "oracle_dim": require_int(params, "probe.oracle.dim", 2, 8192),
         "oracle_noise": require_float(params, "probe.oracle.noise", 0.0, 10.0),
-        "oracle_min": require_float(params, "probe.bands.oracle_min", 0.0, 1.0),
-        "shuffled_max": require_float(params, "probe.bands.shuffled_max", 0.0, 1.0),
+        "samples": require_int(params, "probe.figures.samples", 1, 32),
+        "seed": seed,
     }
 
 
@@ -57,16 +179,21 @@ def per_split(fn, splits: dict[str, Split]) -> dict[str, np.ndarray]:
     return {name: fn(i, split) for i, (name, split) in enumerate(splits.items())}
 
 
+CSV_METRICS = ("bbox_iou", "bbox_map50", "map50", "dense_map50", "lpips", "ssim", "edge_f1",
+               "spatial_iou", "direction_acc")
+
+
 def points_csv(points: dict, controls: dict) -> str:
-    """The layer-by-layer table as a DVC plot source: one row per point or control."""
+    """The layer-by-layer table as a DVC plot source: one row per point or control; empty cells
+    where a probe did not run."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["order", "name", "kind", "bbox_iou", "ci95_lo", "ci95_hi", "bbox_map50"])
+    writer.writerow(["order", "name", "kind", *CSV_METRICS, "ci95_lo", "ci95_hi"])
     rows = [(name, "point", m) for name, m in points.items()]
     rows += [(name, "control", m) for name, m in controls.items()]
     for order, (name, kind, m) in enumerate(rows):
         lo, hi = m["bbox_iou_ci95"]
-        writer.writerow([order, name, kind, m["bbox_iou"], lo, hi, m["bbox_map50"]])
+        writer.writerow([order, name, kind, *(m.get(k, "") for k in CSV_METRICS), lo, hi])
     return buf.getvalue()
 
 
@@ -74,22 +201,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("data/shapes"))
     parser.add_argument("--features", type=Path, default=Path("data/features"))
+    parser.add_argument("--clips", type=Path, default=CLIPS)
+    parser.add_argument("--clip-features", type=Path, default=CLIP_FEATURES)
     parser.add_argument("--metrics", type=Path, default=Path("metrics/probe.json"))
     parser.add_argument("--plots", type=Path, default=Path("plots/probe"))
     args = parser.parse_args(argv)
+    store = FeatureStore.open(args.features)
     try:
-        config = validate(load_params(PARAMS))
+        config = validate(load_params(PARAMS), store.points)
     except ParamsError as e:
         raise SystemExit(f"error: {e}") from None
-    settings: ProbeSettings = config["settings"]
+    settings = replace(config["settings"], curves_dir=args.plots / "curves")
+    seed = config["seed"]
 
-    store = FeatureStore.open(args.features)
     splits = {name: load_split(args.data, name) for name in SPLITS}
     reference = store.points[-1]  # the deepest point: the controls use its grid and tokens
     geometry = store.geometry(reference)
     targets = per_split(lambda _, s: coverage_targets(s, geometry), splits)
+    suite = Suite(splits, settings)
 
-    points = {}
+    points, point_artifacts = {}, {}
     for point in store.points:
         print(f"probe: {point}", flush=True)
         point_geometry = store.geometry(point)
@@ -99,28 +230,43 @@ def main(argv: list[str] | None = None) -> None:
             else per_split(lambda _, s, g=point_geometry: coverage_targets(s, g), splits)
         )
         features = {name: store.load(point, s.image_ids) for name, s in splits.items()}
-        points[point] = run_bbox_probe(features, point_targets, splits, point_geometry, settings)
+        probes = {"bbox"} | {p for p in TRAINED if point in config["points"][p]}
+        points[point], point_artifacts[point] = suite.run(
+            point, features, point_targets, point_geometry, probes)
 
-    seed = settings.seed
+    oracle = per_split(
+        lambda i, _: oracle_tokens(
+            targets[SPLITS[i]], config["oracle_dim"], config["oracle_noise"], seed, i),
+        splits,
+    )
     control_features = {
-        "oracle": per_split(
-            lambda i, _: oracle_tokens(
-                targets[SPLITS[i]], config["oracle_dim"], config["oracle_noise"], seed, i
-            ),
-            splits,
-        ),
-        "shuffled": per_split(
-            lambda i, s: shuffled_tokens(store.load(reference, s.image_ids), seed, i), splits
-        ),
-        "pixels": per_split(lambda _, s: pixel_tokens(s.images, geometry), splits),
+        "oracle": lambda: oracle,
+        "oracle_shuffled": lambda: {n: shuffled_tokens(f, seed, i)
+                                    for i, (n, f) in enumerate(oracle.items())},
+        "shuffled": lambda: per_split(
+            lambda i, s: shuffled_tokens(store.load(reference, s.image_ids), seed, i), splits),
+        "pixels": lambda: per_split(lambda _, s: pixel_tokens(s.images, geometry), splits),
     }
-    controls = {}
-    for name, features in control_features.items():
+    controls, control_artifacts = {}, {}
+    for name, make in control_features.items():
         print(f"probe: control {name}", flush=True)
-        controls[name] = run_bbox_probe(features, targets, splits, geometry, settings)
+        probes = {"bbox"} | {p for p in TRAINED if name in config["controls"][p]}
+        controls[name], control_artifacts[name] = suite.run(
+            name, make(), targets, geometry, probes)
 
-    oracle_pass = controls["oracle"]["bbox_iou"] >= config["oracle_min"]
-    shuffled_pass = controls["shuffled"]["bbox_iou"] <= config["shuffled_max"]
+    probes_run = {"bbox"} | {p for p in TRAINED if config["points"][p]}
+    temporal_note = "ran"
+    if (args.clip_features / "manifest.json").exists():
+        clips = ClipData.load(args.clips, FeatureStore.open(args.clip_features))
+        start = time.perf_counter()
+        run_temporal(clips, points, controls, config["temporal"], config["temporal_controls"],
+                     config["oracle_dim"], config["temporal_oracle_noise"])
+        suite.timings["temporal"] = time.perf_counter() - start
+        probes_run.add("temporal")
+    else:
+        temporal_note = f"not run: no clip feature store at {args.clip_features}"
+        print(f"probe: temporal direction {temporal_note}", flush=True)
+
     metrics = {
         "meta": {
             "vlm": store.manifest["vlm"],
@@ -130,22 +276,28 @@ def main(argv: list[str] | None = None) -> None:
             "n_train": len(splits["train"].image_ids),
             "n_val": len(splits["val"].image_ids),
             "n_test": len(splits["test"].image_ids),
+            "temporal": temporal_note,
         },
         "points": points,
         "controls": controls,
-        "validity": {
-            "oracle_min": config["oracle_min"],
-            "oracle_pass": oracle_pass,
-            "shuffled_max": config["shuffled_max"],
-            "shuffled_pass": shuffled_pass,
-            "valid": oracle_pass and shuffled_pass,
-        },
+        "validity": suite.validity(controls, probes_run),
     }
     metrics = rounded(metrics)
     write_json(args.metrics, metrics)
     write_text(args.plots / "points.csv", points_csv(metrics["points"], metrics["controls"]))
-    if not metrics["validity"]["valid"]:
-        print("warning: a control missed its band; the probe's results are not valid", flush=True)
+    figure_point = next(iter(config["points"]["detr"] + config["points"]["dense"]), reference)
+    box_samples(splits["test"], point_artifacts[figure_point].detections, figure_point,
+                config["samples"], args.plots / "boxes.png")
+    rows = {f"point {p}": a.reconstructions for p, a in point_artifacts.items()}
+    rows |= {f"control {c}": a.reconstructions for c, a in control_artifacts.items()}
+    reconstruction_samples(splits["test"].images, rows, config["samples"],
+                           args.plots / "reconstructions.png")
+    print("probe: timings (s) " + json.dumps({k: round(v, 1) for k, v in suite.timings.items()}),
+          flush=True)
+    invalid = [p for p, v in metrics["validity"].items() if not v["valid"]]
+    if invalid:
+        print(f"warning: controls missed their bands for {', '.join(invalid)}; those probes' "
+              "results are not valid for this run", flush=True)
 
 
 if __name__ == "__main__":

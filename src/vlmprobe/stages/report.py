@@ -10,27 +10,32 @@ from pathlib import Path
 import yaml
 
 from vlmprobe.io import read_json, write_text
-from vlmprobe.models.registry import RegistryError, get_entry
 from vlmprobe.params import ParamsError, get, load_params
-from vlmprobe.report.figures import bbox_iou_by_point
-from vlmprobe.report.spatial import spatial_markdown, spatial_summary
+from vlmprobe.report.figures import metrics_by_point
+from vlmprobe.report.spatial import COLUMNS, spatial_markdown, spatial_summary
 
 PARAMS = ("vlm",)
+PROBE_PLOTS = Path("plots/probe")  # the probe stage's figures, linked from the report
 
 
-def validate(params: dict) -> dict:
-    return {"vlm": get_entry(get(params, "vlm")).name}
+def validate(params: dict) -> str:
+    """The registry entry name; whether it exists is the extract stage's check."""
+    vlm = get(params, "vlm")
+    if not isinstance(vlm, str) or not vlm:
+        raise ParamsError(f"params.yaml: vlm = {vlm!r} is invalid; expected a registry entry "
+                          "name. Fix: edit params.yaml or run `dvc exp run -S vlm=<name>`.")
+    return vlm
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--metrics", type=Path, default=Path("metrics/probe.json"))
     parser.add_argument("--results", type=Path, default=Path("results/p4"))
-    parser.add_argument("--figure", type=Path, default=Path("plots/report/bbox_iou_by_point.png"))
+    parser.add_argument("--figure", type=Path, default=Path("plots/report/metrics_by_point.png"))
     args = parser.parse_args(argv)
     try:
-        vlm = validate(load_params(PARAMS))["vlm"]
-    except (ParamsError, RegistryError) as e:
+        vlm = validate(load_params(PARAMS))
+    except ParamsError as e:
         raise SystemExit(f"error: {e}") from None
     metrics = read_json(args.metrics)
     if metrics["meta"]["vlm"] != vlm:
@@ -39,10 +44,16 @@ def main(argv: list[str] | None = None) -> None:
             "Fix: `dvc repro` (it re-runs extract and probe first)."
         )
     summary = spatial_summary(metrics)
-    bbox_iou_by_point(metrics, f"{summary['model']}: bbox probe", args.figure)
-    figure_link = os.path.relpath(args.figure, args.results)
+    panels = {k: label for k, (label, _) in COLUMNS.items() if k != "map"}
+    metrics_by_point(metrics, panels, f"{summary['model']}: spatial probes by point", args.figure)
+    figures = {
+        "metrics by extraction point": args.figure,
+        "predicted vs ground-truth boxes": PROBE_PLOTS / "boxes.png",
+        "reconstructions": PROBE_PLOTS / "reconstructions.png",
+    }
+    links = {label: os.path.relpath(path, args.results) for label, path in figures.items()}
     write_text(args.results / f"{vlm}-spatial.yaml", yaml.safe_dump(summary, sort_keys=False))
-    write_text(args.results / f"{vlm}-spatial.md", spatial_markdown(summary, metrics, figure_link))
+    write_text(args.results / f"{vlm}-spatial.md", spatial_markdown(summary, metrics, links))
 
 
 if __name__ == "__main__":

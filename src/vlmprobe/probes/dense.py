@@ -1,0 +1,246 @@
+"""The dense detection probe: per-token class scores and box regression from a small
+convolutional head on the token grid, decoded with NMS (FCOS-style).
+
+Capacity: a 1x1 convolution projects the (standardised) tokens to `width` channels, then `depth`
+3x3 convolutions (GroupNorm, ReLU) give each token a receptive field of 2 * depth + 1 tokens a
+side; three 3x3 heads predict per-class scores, a centre-ness score and the distances from the
+token's centre to the four box edges (in token cells). A token is positive for an object when
+its centre lies inside the object's box. Losses: sigmoid focal loss for classes, GIoU and L1
+for boxes and binary cross-entropy for centre-ness on positives. A detection's score is
+sqrt(class probability x centre-ness); per-class NMS at IoU 0.5 keeps at most 100 per image.
+Grids of one extraction point share the head (anyres tiles are run grid by grid).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
+from tqdm import tqdm
+
+from vlmprobe.data.dataset import Split
+from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.probes.detection import (
+    Detections,
+    Targets,
+    class_ids,
+    detection_scores,
+    map50,
+    mirror_targets,
+    split_targets,
+)
+from vlmprobe.probes.training import (
+    Curves,
+    Standardizer,
+    batches,
+    deterministic_torch,
+    from_grids,
+    mirror_permutation,
+    to_grids,
+    warmup_cosine,
+)
+
+SCORE_FLOOR = 0.05  # detections scoring below this are dropped before NMS
+NMS_IOU = 0.5
+MAX_DETECTIONS = 100
+
+
+@dataclass(frozen=True)
+class DenseSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    width: int
+    depth: int
+    flip: bool
+    eval_every: int
+    threads: int
+    seed: int
+    bootstrap: int
+
+
+class DenseHead(nn.Module):
+    def __init__(self, in_dim: int, n_classes: int, width: int, depth: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_dim, width, 1)]
+        for _ in range(depth):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.ReLU()]
+        self.tower = nn.Sequential(*layers)
+        self.classify = nn.Conv2d(width, n_classes, 3, padding=1)
+        self.centreness = nn.Conv2d(width, 1, 3, padding=1)
+        self.box = nn.Conv2d(width, 4, 3, padding=1)
+        nn.init.constant_(self.classify.bias, -math.log(99.0))  # start at p = 0.01
+
+    def forward(self, tokens: torch.Tensor, geometry: TokenGeometry):
+        """tokens (B, T, D) -> class logits (B, T, C), centre-ness logit (B, T), ltrb (B, T, 4)
+        in token cells."""
+        outs = []
+        for grid in to_grids(tokens, geometry):
+            f = self.tower(grid)
+            outs.append(torch.cat([self.classify(f), self.centreness(f),
+                                   F.softplus(self.box(f))], dim=1))
+        out = from_grids(outs)
+        c = out.shape[-1] - 5
+        return out[..., :c], out[..., c], out[..., c + 1 :]
+
+
+@dataclass(frozen=True)
+class TokenFrame:
+    """Each token's centre and cell size as fractions of the image, for box coding."""
+
+    centre: torch.Tensor  # (T, 2)
+    cell: torch.Tensor  # (T, 2)
+
+    @classmethod
+    def of(cls, geometry: TokenGeometry) -> TokenFrame:
+        h, w = geometry.image_size
+        b = torch.from_numpy(geometry.token_boxes()).float() / torch.tensor([w, h, w, h])
+        return cls((b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2])
+
+    def decode(self, ltrb: torch.Tensor) -> torch.Tensor:
+        """(..., T, 4) edge distances in cells -> xyxy boxes in image fractions."""
+        cell = self.cell.repeat(1, 2)
+        sign = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+        return self.centre.repeat(1, 2) + sign * ltrb * cell
+
+
+def token_targets(target: Targets, frame: TokenFrame, n_classes: int):
+    """Per token: one-hot classes (T, C), positive mask (T,), box (T, 4) xyxy, centre-ness (T,).
+
+    A token is positive for the smallest box containing its centre.
+    """
+    t = len(frame.centre)
+    classes = torch.zeros(t, n_classes)
+    boxes = torch.zeros(t, 4)
+    centreness = torch.zeros(t)
+    if len(target.classes) == 0:
+        return classes, torch.zeros(t, dtype=torch.bool), boxes, centreness
+    b = target.boxes
+    x, y = frame.centre[:, 0:1], frame.centre[:, 1:2]
+    dist = torch.stack([x - b[:, 0], y - b[:, 1], b[:, 2] - x, b[:, 3] - y], dim=-1)  # (T, K, 4)
+    inside = dist.min(dim=-1).values > 0
+    area = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).expand(t, -1)
+    area = torch.where(inside, area, torch.full_like(area, float("inf")))
+    best = area.argmin(dim=1)
+    positive = inside.any(dim=1)
+    rows = torch.arange(t)[positive]
+    classes[rows, target.classes[best[positive]]] = 1.0
+    boxes[positive] = b[best[positive]]
+    d = dist[rows, best[positive]]
+    lr_, tb = d[:, [0, 2]], d[:, [1, 3]]
+    centreness[positive] = torch.sqrt(
+        (lr_.min(1).values / lr_.max(1).values) * (tb.min(1).values / tb.max(1).values)
+    )
+    return classes, positive, boxes, centreness
+
+
+def dense_loss(outputs, truth) -> torch.Tensor:
+    logits, centre_logit, ltrb, frame = outputs
+    classes, positive, boxes, centreness = truth
+    n_pos = max(int(positive.sum()), 1)
+    loss = sigmoid_focal_loss(logits, classes, reduction="sum") / n_pos
+    if positive.any():
+        pred = frame.decode(ltrb)[positive]
+        loss = loss + 2.0 * generalized_box_iou_loss(pred, boxes[positive], reduction="mean")
+        loss = loss + 5.0 * F.l1_loss(pred, boxes[positive])
+        loss = loss + F.binary_cross_entropy_with_logits(
+            centre_logit[positive], centreness[positive]
+        )
+    return loss
+
+
+@torch.no_grad()
+def predict(model: DenseHead, tokens: torch.Tensor, geometry: TokenGeometry, frame: TokenFrame,
+            ids: list[int], batch_size: int = 64) -> list[Detections]:
+    model.eval()
+    h, w = geometry.image_size
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    out = []
+    for s in range(0, len(tokens), batch_size):
+        logits, centre_logit, ltrb = model(tokens[s : s + batch_size], geometry)
+        scores = torch.sqrt(logits.sigmoid() * centre_logit.sigmoid()[..., None])
+        boxes = frame.decode(ltrb) * scale
+        for score, box in zip(scores, boxes, strict=True):
+            token, cls = torch.nonzero(score > SCORE_FLOOR, as_tuple=True)
+            kept_scores = score[token, cls]
+            kept_boxes = box[token]
+            keep = batched_nms(kept_boxes, kept_scores, cls, NMS_IOU)[:MAX_DETECTIONS]
+            out.append(Detections(
+                kept_boxes[keep].double().numpy(),
+                np.asarray(ids)[cls[keep].numpy()].astype(np.int64),
+                kept_scores[keep].double().numpy(),
+            ))
+    model.train()
+    return out
+
+
+def run_dense_probe(
+    features: dict[str, np.ndarray],
+    splits: dict[str, Split],
+    geometry: TokenGeometry,
+    settings: DenseSettings,
+    curves_dir: Path,
+) -> tuple[dict, list[Detections]]:
+    """Train on train, pick the checkpoint by val mAP@0.5, report test `dense_map50`,
+    `dense_map` (+ CIs). Returns the metrics and the test detections."""
+    ids = class_ids(splits["train"])
+    standardize = Standardizer(features["train"])
+    x = {name: standardize(f) for name, f in features.items()}
+    frame = TokenFrame.of(geometry)
+    targets = split_targets(splits["train"])
+    truth = [token_targets(t, frame, len(ids)) for t in targets]
+    mirror = mirror_permutation(geometry) if settings.flip else None
+    if mirror is not None:
+        truth_flipped = [token_targets(mirror_targets(t), frame, len(ids)) for t in targets]
+    with deterministic_torch(settings.seed, settings.threads) as generator:
+        model = DenseHead(x["train"].shape[-1], len(ids), settings.width, settings.depth)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, settings.steps, settings.steps // 20)
+        )
+        curves = Curves(curves_dir)
+        best = (-1.0, None, 0)
+        running = 0.0
+        progress = tqdm(
+            enumerate(batches(len(targets), settings.batch_size, settings.steps, generator)),
+            total=settings.steps, desc="dense", unit="step", mininterval=5,
+        )
+        for step, index in progress:
+            tokens = x["train"][index]
+            batch_truth = [truth[i] for i in index.tolist()]
+            if mirror is not None:
+                flip = torch.rand(len(index), generator=generator) < 0.5
+                tokens = torch.where(flip[:, None, None], tokens[:, mirror], tokens)
+                batch_truth = [truth_flipped[i] if f else truth[i]
+                               for i, f in zip(index.tolist(), flip.tolist(), strict=True)]
+            stacked = [torch.stack(parts) for parts in zip(*batch_truth, strict=True)]
+            logits, centre_logit, ltrb = model(tokens, geometry)
+            loss = dense_loss((logits, centre_logit, ltrb, frame), stacked)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            running += loss.item()
+            if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
+                val = map50(splits["val"], predict(model, x["val"], geometry, frame, ids))
+                curves.log(step + 1, train_loss=running / settings.eval_every, val_map50=val)
+                running = 0.0
+                if val > best[0]:
+                    best = (val, copy.deepcopy(model.state_dict()), step + 1)
+        curves.close()
+        model.load_state_dict(best[1])
+        test_found = predict(model, x["test"], geometry, frame, ids)
+    metrics = detection_scores(
+        splits["test"], test_found, "dense_", settings.bootstrap, settings.seed
+    )
+    metrics["dense_val_map50"] = best[0]
+    metrics["dense_selected_step"] = best[2]
+    return metrics, test_found

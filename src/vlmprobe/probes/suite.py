@@ -1,0 +1,99 @@
+"""The spatial probe protocol for one model: which probe runs on which tokens, and the merged
+metrics (per point, per control) with each probe's validity."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vlmprobe.data.dataset import Split
+from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.metrics.image import Lpips
+from vlmprobe.probes.coverage import ProbeSettings, run_bbox_probe
+from vlmprobe.probes.dense import DenseSettings, run_dense_probe
+from vlmprobe.probes.detection import Detections
+from vlmprobe.probes.detr import DetrSettings, run_detr_probe
+from vlmprobe.probes.reconstruction import ReconstructionSettings, run_reconstruction_probe
+from vlmprobe.probes.validity import Band, probe_validity
+
+TOKEN_PROBES = ("bbox", "dense", "detr", "reconstruction")  # probes on single-image tokens
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    bbox: ProbeSettings
+    dense: DenseSettings
+    detr: DetrSettings
+    reconstruction: ReconstructionSettings
+    bands: dict[str, Band]
+    lpips_net: str
+    assets_dir: Path
+    curves_dir: Path
+
+
+@dataclass
+class Artifacts:
+    """What the figures need from one set of tokens: test detections and reconstructions."""
+
+    detections: dict[str, list[Detections]] = field(default_factory=dict)
+    reconstructions: np.ndarray | None = None
+
+
+@dataclass
+class Suite:
+    splits: dict[str, Split]
+    settings: SuiteSettings
+    timings: dict[str, float] = field(default_factory=dict)
+    _lpips: Lpips | None = None
+
+    def lpips(self) -> Lpips:
+        if self._lpips is None:
+            self._lpips = Lpips(self.settings.lpips_net, self.settings.assets_dir)
+        return self._lpips
+
+    def _timed(self, key: str, fn: Callable):
+        start = time.perf_counter()
+        result = fn()
+        self.timings[key] = time.perf_counter() - start
+        print(f"probe: {key} {self.timings[key]:.1f} s", flush=True)
+        return result
+
+    def run(
+        self, name: str, features: dict[str, np.ndarray], targets: dict[str, np.ndarray],
+        geometry: TokenGeometry, probes: set[str],
+    ) -> tuple[dict, Artifacts]:
+        """Every probe in `probes` on one set of tokens (a point or a control) named `name`."""
+        s = self.settings
+        metrics: dict = {}
+        artifacts = Artifacts()
+        if "bbox" in probes:
+            metrics.update(self._timed(f"bbox/{name}", lambda: run_bbox_probe(
+                features, targets, self.splits, geometry, s.bbox)))
+        if "dense" in probes:
+            found, artifacts.detections["dense"] = self._timed(
+                f"dense/{name}", lambda: run_dense_probe(
+                    features, self.splits, geometry, s.dense, s.curves_dir / "dense" / name))
+            metrics.update(found)
+        if "detr" in probes:
+            found, artifacts.detections["detr"] = self._timed(
+                f"detr/{name}", lambda: run_detr_probe(
+                    features, self.splits, geometry, s.detr, s.curves_dir / "detr" / name))
+            metrics.update(found)
+        if "reconstruction" in probes:
+            found, artifacts.reconstructions = self._timed(
+                f"reconstruction/{name}", lambda: run_reconstruction_probe(
+                    features, self.splits, geometry, self.lpips(), s.reconstruction,
+                    s.curves_dir / "reconstruction" / name))
+            metrics.update(found)
+        return metrics, artifacts
+
+    def validity(self, controls: dict[str, dict], probes_run: set[str]) -> dict:
+        return {
+            probe: probe_validity(probe, controls, band)
+            for probe, band in self.settings.bands.items()
+            if probe in probes_run
+        }

@@ -1,0 +1,59 @@
+"""Which probe results may be used for a decision: a probe is valid for a run when its positive
+control reaches its band and its negative control is clearly worse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# probe -> (its headline metric, positive control, negative control)
+CONTROLLED: dict[str, tuple[str, str, str]] = {
+    "bbox": ("bbox_iou", "oracle", "oracle_shuffled"),
+    "detr": ("map50", "oracle", "oracle_shuffled"),
+    "dense": ("dense_map50", "oracle", "oracle_shuffled"),
+    "temporal": ("direction_acc", "oracle", "oracle_shuffled"),
+    "reconstruction": ("spatial_iou", "pixels", "shuffled"),
+}
+
+
+@dataclass(frozen=True)
+class Band:
+    positive_min: float  # the positive control must reach this
+    negative_max: float  # the negative control must stay at or below this...
+    min_gap: float  # ...and at least this far below the positive control
+
+
+def probe_validity(probe: str, controls: dict[str, dict], band: Band) -> dict:
+    """The verdict on one probe from its controls' metrics (`controls[name][metric]`)."""
+    metric, positive, negative = CONTROLLED[probe]
+    pos = controls.get(positive, {}).get(metric)
+    neg = controls.get(negative, {}).get(metric)
+    verdict = {
+        "metric": metric,
+        "positive": positive,
+        "positive_value": pos,
+        "positive_min": band.positive_min,
+        "negative": negative,
+        "negative_value": neg,
+        "negative_max": band.negative_max,
+        "min_gap": band.min_gap,
+    }
+    if pos is None or neg is None:
+        missing = [name for name, v in ((positive, pos), (negative, neg)) if v is None]
+        return {**verdict, "valid": False, "reason": f"control not run: {', '.join(missing)}"}
+    positive_pass = pos >= band.positive_min
+    negative_pass = neg <= band.negative_max and pos - neg >= band.min_gap
+    reasons = []
+    if not positive_pass:
+        reasons.append(f"{positive} {metric} {pos:.3f} < {band.positive_min}")
+    if not negative_pass:
+        reasons.append(
+            f"{negative} {metric} {neg:.3f} not clearly below {positive} "
+            f"(max {band.negative_max}, gap {band.min_gap})"
+        )
+    return {
+        **verdict,
+        "positive_pass": positive_pass,
+        "negative_pass": negative_pass,
+        "valid": positive_pass and negative_pass,
+        "reason": "; ".join(reasons) if reasons else "controls within their bands",
+    }

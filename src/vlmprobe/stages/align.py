@@ -1,0 +1,213 @@
+"""Stage `align` (E-P4.5): every extraction point's tokens against the video VAE's latents.
+
+Writes `metrics/align.json` (points.<id>.<metric>, controls, the plan's bands, meta with the
+model and the target), the CKA heatmap and `results/p4/<vlm>-alignment.md`, which names the
+optimal extraction layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlmprobe.align.pooling import area_weights, pool_tokens
+from vlmprobe.align.report import TABLE_METRICS, cka_heatmap, write_report
+from vlmprobe.align.study import (
+    SPLIT_NAMES,
+    AlignSettings,
+    Kernels,
+    alignment_scores,
+    channel_group_grams,
+    channel_groups,
+)
+from vlmprobe.data.dataset import load_split
+from vlmprobe.extract.store import FeatureStore
+from vlmprobe.io import write_json, write_text
+from vlmprobe.params import (
+    ParamsError,
+    get,
+    load_params,
+    require_float,
+    require_float_list,
+    require_int,
+)
+from vlmprobe.probes.controls import pixel_tokens, shuffled_tokens
+from vlmprobe.vae.registry import VaeError, get_entry, load_vae
+
+PARAMS = ("vlm", "video_vae", "align")
+ROUND = 4
+BANDED = ("cka_linear", "r2", "spearman", "recall_at_10")
+HEADLINE = "cka_linear"
+
+
+def validate(params: dict) -> dict:
+    """Every param checked, and the target's weights known to be obtainable, before loading."""
+    vlm = get(params, "vlm")
+    if not isinstance(vlm, str) or not vlm:
+        raise ParamsError(f"params.yaml: vlm = {vlm!r} is invalid; expected a model name.")
+    target = get(params, "video_vae")
+    if not isinstance(target, str):
+        raise ParamsError(f"params.yaml: video_vae = {target!r} is invalid; expected a name.")
+    get_entry(target)
+    bands = {}
+    for metric in BANDED:
+        key = f"align.bands.{metric}"
+        band = {level: require_float(params, f"{key}.{level}", -1.0, 1.0)
+                for level in ("target", "acceptable", "fail")}
+        if not band["target"] >= band["acceptable"] >= band["fail"]:
+            raise ParamsError(f"params.yaml: {key} needs target >= acceptable >= fail, got "
+                              f"{band}. Fix: edit params.yaml.")
+        bands[metric] = band
+    return {
+        "vlm": vlm,
+        "target": target,
+        "settings": AlignSettings(
+            rbf_sigma=require_float(params, "align.rbf_sigma", 0.01, 100.0),
+            ridge_alphas=require_float_list(params, "align.ridge_alphas", 1e-9, 1e6),
+            minibatch_size=require_int(params, "align.minibatch_size", 4, 100_000),
+            interval_rounds=require_int(params, "align.interval_rounds", 20, 100_000),
+            seed=require_int(params, "align.seed", 0, 2**31 - 1),
+        ),
+        "channel_groups": require_int(params, "align.channel_groups", 1, 1024),
+        "encode_batch_size": require_int(params, "align.encode_batch_size", 1, 1024),
+        "bands": bands,
+    }
+
+
+def rounded(obj):
+    if isinstance(obj, float):
+        return round(obj, ROUND)
+    if isinstance(obj, dict):
+        return {k: rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v) for v in obj]
+    return obj
+
+
+def verdict(value: float, band: dict) -> str:
+    if value > band["target"]:
+        return "target"
+    if value > band["acceptable"]:
+        return "acceptable"
+    return "marginal" if value >= band["fail"] else "fail"
+
+
+def band_verdicts(points: dict, bands: dict) -> dict:
+    out = {}
+    for metric, band in bands.items():
+        best = max(points, key=lambda p: points[p][metric])
+        value = points[best][metric]
+        out[metric] = {"point": best, "value": value, **band, "verdict": verdict(value, band)}
+    return out
+
+
+def points_csv(metrics: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["order", "name", "kind", *TABLE_METRICS])
+    rows = [(n, "point", s) for n, s in metrics["points"].items()]
+    rows += [(n, "control", s) for n, s in metrics["controls"].items()]
+    for order, (name, kind, scores) in enumerate(rows):
+        writer.writerow([order, name, kind, *(scores[m] for m in TABLE_METRICS)])
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--features", type=Path, default=Path("data/features"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/align.json"))
+    parser.add_argument("--plots", type=Path, default=Path("plots/align"))
+    parser.add_argument("--results", type=Path, default=Path("results/p4"))
+    args = parser.parse_args(argv)
+    try:
+        config = validate(load_params(PARAMS))
+    except (ParamsError, VaeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    store = FeatureStore.open(args.features)
+    if store.manifest["vlm"] != config["vlm"]:
+        raise SystemExit(f"error: {args.features} holds features of {store.manifest['vlm']!r} "
+                         f"but params.yaml says vlm = {config['vlm']!r}. Fix: `dvc repro`.")
+    settings: AlignSettings = config["settings"]
+    start = time.perf_counter()
+
+    splits = [load_split(args.data, s) for s in SPLIT_NAMES]
+    image_ids = [i for s in splits for i in s.image_ids]
+    images = np.concatenate([s.images for s in splits])
+    bounds = np.cumsum([0] + [len(s.image_ids) for s in splits])
+    split_of = {s: np.arange(bounds[i], bounds[i + 1]) for i, s in enumerate(SPLIT_NAMES)}
+
+    vae = load_vae(config["target"])
+    latent_geometry = vae.latent_geometry(images.shape[1:3])
+    target = vae.encode(images, config["encode_batch_size"])  # (n, P, C)
+    target_kernels = Kernels.of(target.reshape(len(target), -1), settings.rbf_sigma)
+    group_grams = channel_group_grams(target, config["channel_groups"])
+
+    def score(tokens: np.ndarray, geometry) -> tuple[dict, list[float]]:
+        pooled = pool_tokens(tokens, area_weights(geometry, latent_geometry))
+        return alignment_scores(pooled, target, target_kernels, group_grams, split_of, settings)
+
+    points, heat = {}, {}
+    for point in store.points:
+        print(f"align: {point}", flush=True)
+        points[point], heat[point] = score(store.load(point, image_ids), store.geometry(point))
+
+    reference = store.points[-1]
+    reference_geometry = store.geometry(reference)
+    controls = {}
+    control_tokens = {
+        "pixels": lambda: pixel_tokens(images, reference_geometry),
+        "shuffled": lambda: shuffled_tokens(store.load(reference, image_ids), settings.seed, 0),
+    }
+    for name, make in control_tokens.items():
+        print(f"align: control {name}", flush=True)
+        controls[name], heat[f"control {name}"] = score(make(), reference_geometry)
+
+    optimal = max(points, key=lambda p: points[p][HEADLINE])
+    target_info = vae.describe()
+    metrics = rounded({
+        "meta": {
+            "vlm": store.manifest["vlm"],
+            "display_name": store.manifest["display_name"],
+            "weights_source": store.manifest["weights"].get("source"),
+            "target": target_info["target"],
+            "target_display_name": target_info["display_name"],
+            "target_weights": target_info["weights"],
+            "latent_grid": f"{latent_geometry.grids[0].rows}x{latent_geometry.grids[0].cols}",
+            "latent_channels": vae.latent_channels,
+            "dataset": str(args.data),
+            "n_images": len(image_ids),
+            "n_train": len(split_of["train"]),
+            "n_val": len(split_of["val"]),
+            "n_test": len(split_of["test"]),
+            "reference_point": reference,
+            "optimal_point": optimal,
+            "best_point_by_metric": {m: max(points, key=lambda p, m=m: points[p][m])
+                                     for m in BANDED},
+            "rbf_sigma": settings.rbf_sigma,
+            "minibatch_size": settings.minibatch_size,
+            "seconds": time.perf_counter() - start,
+        },
+        "points": points,
+        "controls": controls,
+        "bands": band_verdicts(points, config["bands"]),
+    })
+    metrics["meta"]["seconds"] = round(metrics["meta"]["seconds"], 1)
+    write_json(args.metrics, metrics)
+    write_text(args.plots / "points.csv", points_csv(metrics))
+    groups = channel_groups(vae.latent_channels, config["channel_groups"])
+    heatmap = args.plots / "cka_heatmap.png"
+    cka_heatmap(heat, [f"{g[0]}-{g[-1]}" for g in groups],
+                f"{store.manifest['display_name']} vs {target_info['display_name']}", heatmap)
+    write_report(metrics, args.results / f"{config['vlm']}-alignment.md", heatmap)
+    print(f"align: optimal point {optimal}; {metrics['meta']['seconds']} s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Stage `reconstruct` (E-P4.6): adapters from one extraction point's tokens into the video
+VAE's latents, trained through its frozen decoder, beside the pixels (positive) and shuffled
+(negative) controls.
+
+Writes `metrics/reconstruct.json` (points.<id>, controls.<name>: lpips, ssim, edge_f1,
+spatial_iou with 95% intervals; validity of the controls' bands; meta with the model, the
+target and the training budget), training curves (dvclive) and a side-by-side figure.
+`map50` from reconstructions is not computed: the probe stage exposes no detector trained on
+images that could be applied to reconstructions (meta.map50 says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmprobe.data.dataset import SPLITS, load_split
+from vlmprobe.extract.store import FeatureStore
+from vlmprobe.io import read_json, write_json
+from vlmprobe.metrics.image import Lpips
+from vlmprobe.params import (
+    ParamsError,
+    get,
+    load_params,
+    require_choice,
+    require_float,
+    require_int,
+)
+from vlmprobe.probes.controls import pixel_tokens, shuffled_tokens
+from vlmprobe.probes.reconstruction import image_scores
+from vlmprobe.reconstruct.adapters import ADAPTERS
+from vlmprobe.reconstruct.training import TrainSettings, train_adapter
+from vlmprobe.report.figures import reconstruction_samples
+from vlmprobe.vae.registry import VaeError, get_entry, load_vae
+
+PARAMS = ("video_vae", "reconstruct")
+ROUND = 4
+CONTROLS = ("pixels", "shuffled")
+LPIPS_NETS = ("alex", "vgg")
+ALIGN_METRICS = Path("metrics/align.json")
+MAP50_NOTE = ("not done: the probe stage exposes no detector trained on original images that "
+              "could be applied to reconstructions")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What `vlmprobe.probes.reconstruction.image_scores` reads (the probe protocol's
+    reconstruction scores, reused so both stages score alike)."""
+
+    edge_threshold: float
+    edge_tolerance: int
+    bootstrap: int
+    seed: int
+
+
+def validate(params: dict) -> dict:
+    """Every param checked, and the target's weights known to be obtainable, before loading."""
+    target = get(params, "video_vae")
+    if not isinstance(target, str):
+        raise ParamsError(f"params.yaml: video_vae = {target!r} is invalid; expected a name.")
+    get_entry(target)
+    r = "reconstruct"
+    point = get(params, f"{r}.point")
+    if not isinstance(point, str) or not point:
+        raise ParamsError(f"params.yaml: {r}.point = {point!r} is invalid; expected `best` (the "
+                          "align stage's optimal layer) or an extraction point id.")
+    controls = get(params, f"{r}.controls")
+    if not isinstance(controls, list) or any(c not in CONTROLS for c in controls):
+        raise ParamsError(f"params.yaml: {r}.controls = {controls!r} is invalid; expected a "
+                          f"list of: {', '.join(CONTROLS)}. Fix: edit params.yaml.")
+    seed = require_int(params, f"{r}.seed", 0, 2**31 - 1)
+    return {
+        "target": target,
+        "point": point,
+        "controls": [c for c in CONTROLS if c in controls],
+        "train": TrainSettings(
+            adapter=require_choice(params, f"{r}.adapter", ADAPTERS),
+            adapter_params=require_int(params, f"{r}.adapter_params", 10_000, 1_000_000_000),
+            warmup_epochs=require_int(params, f"{r}.warmup_epochs", 0, 100_000),
+            epochs=require_int(params, f"{r}.epochs", 0, 100_000),
+            train_samples=require_int(params, f"{r}.train_samples", 8, 10_000_000),
+            batch_size=require_int(params, f"{r}.batch_size", 1, 4096),
+            lr=require_float(params, f"{r}.lr", 1e-7, 1.0),
+            l2_weight=require_float(params, f"{r}.l2_weight", 0.0, 1000.0),
+            threads=require_int(params, f"{r}.threads", 1, 256),
+            seed=seed,
+        ),
+        "scores": ScoreSettings(
+            edge_threshold=require_float(params, f"{r}.edge_threshold", 0.001, 1.0),
+            edge_tolerance=require_int(params, f"{r}.edge_tolerance", 0, 32),
+            bootstrap=require_int(params, f"{r}.bootstrap", 100, 100_000),
+            seed=seed,
+        ),
+        "lpips_net": require_choice(params, f"{r}.lpips_net", LPIPS_NETS),
+        "samples": require_int(params, f"{r}.samples", 1, 32),
+        "pixels_min": require_float(params, f"{r}.bands.pixels_min", 0.0, 1.0),
+        "min_gap": require_float(params, f"{r}.bands.min_gap", 0.0, 1.0),
+    }
+
+
+def resolve_point(requested: str, store: FeatureStore, target: str, align_metrics: Path) -> str:
+    """`best` -> the align stage's optimal layer for this model and target; else the id."""
+    if requested != "best":
+        if requested not in store.points:
+            raise SystemExit(f"error: reconstruct.point = {requested!r} is not a point of "
+                             f"{store.manifest['vlm']!r}; valid: best, {', '.join(store.points)}."
+                             f" Fix: `dvc exp run -S reconstruct.point=best`.")
+        return requested
+    if not align_metrics.exists():
+        raise SystemExit(f"error: reconstruct.point = best needs {align_metrics}: run "
+                         "`dvc repro align` first, or name a point.")
+    meta = read_json(align_metrics)["meta"]
+    if (meta["vlm"], meta["target"]) != (store.manifest["vlm"], target):
+        raise SystemExit(f"error: {align_metrics} is for {meta['vlm']} vs {meta['target']}, not "
+                         f"{store.manifest['vlm']} vs {target}: run `dvc repro align`.")
+    return meta["optimal_point"]
+
+
+def rounded(obj):
+    if isinstance(obj, float):
+        return round(obj, ROUND)
+    if isinstance(obj, dict):
+        return {k: rounded(v) for k, v in obj.items()}
+    return [rounded(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def validity(controls: dict, pixels_min: float, min_gap: float) -> dict:
+    """The controls' bands on spatial_iou: pixels (positive) at least `pixels_min`, shuffled
+    (negative) at least `min_gap` below pixels."""
+    out = {"pixels_min": pixels_min, "min_gap": min_gap}
+    if "pixels" in controls:
+        out["pixels_ok"] = controls["pixels"]["spatial_iou"] >= pixels_min
+    if {"pixels", "shuffled"} <= set(controls):
+        gap = controls["pixels"]["spatial_iou"] - controls["shuffled"]["spatial_iou"]
+        out["gap"] = gap
+        out["gap_ok"] = gap >= min_gap
+    out["valid"] = all(v for k, v in out.items() if k.endswith("_ok"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--features", type=Path, default=Path("data/features"))
+    parser.add_argument("--assets", type=Path, default=Path("data/assets/lpips"))
+    parser.add_argument("--align-metrics", type=Path, default=ALIGN_METRICS)
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/reconstruct.json"))
+    parser.add_argument("--plots", type=Path, default=Path("plots/reconstruct"))
+    args = parser.parse_args(argv)
+    try:
+        config = validate(load_params(PARAMS))
+    except (ParamsError, VaeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    store = FeatureStore.open(args.features)
+    point = resolve_point(config["point"], store, config["target"], args.align_metrics)
+    start = time.perf_counter()
+
+    splits = {name: load_split(args.data, name) for name in SPLITS}
+    images = {name: s.images for name, s in splits.items()}
+    geometry = store.geometry(point)
+    features = {name: store.load(point, s.image_ids) for name, s in splits.items()}
+    inputs = {
+        "pixels": lambda: {n: pixel_tokens(s.images, geometry) for n, s in splits.items()},
+        "shuffled": lambda: {n: shuffled_tokens(features[n], config["train"].seed, i)
+                             for i, n in enumerate(splits)},
+    }
+    vae = load_vae(config["target"])
+    lpips = Lpips(config["lpips_net"], args.assets)
+
+    results, reconstructions, summaries = {}, {}, {}
+    runs = [(f"point {point}", point, lambda: features)]
+    runs += [(f"control {c}", c, inputs[c]) for c in config["controls"]]
+    for label, name, make in runs:
+        print(f"reconstruct: {label}", flush=True)
+        tokens = make()
+        trained, summaries[name] = train_adapter(tokens, images, geometry, vae, lpips.model,
+                                                 config["train"], args.plots / "curves", name)
+        reconstructions[label] = trained.reconstruct(tokens["test"])
+        results[name] = image_scores(reconstructions[label], splits["test"], lpips,
+                                     config["scores"])
+
+    controls = {c: results[c] for c in config["controls"]}
+    train: TrainSettings = config["train"]
+    target_info = vae.describe()
+    metrics = rounded({
+        "meta": {
+            "vlm": store.manifest["vlm"],
+            "display_name": store.manifest["display_name"],
+            "weights_source": store.manifest["weights"].get("source"),
+            "target": target_info["target"],
+            "target_display_name": target_info["display_name"],
+            "target_weights": target_info["weights"],
+            "point": point,
+            "point_requested": config["point"],
+            **summaries[point],
+            "adapter_params_budget": train.adapter_params,
+            "warmup_epochs": train.warmup_epochs,
+            "epochs": train.epochs,
+            "batch_size": train.batch_size,
+            "lr": train.lr,
+            "loss": f"LPIPS({config['lpips_net']}) + {train.l2_weight} * MSE; warm-up epochs "
+                    f"MSE term only",
+            "plan_budget": "5000 samples x 50 epochs, no warm-up (this run is smaller)",
+            "n_train": len(splits["train"].image_ids),
+            "n_val": len(splits["val"].image_ids),
+            "n_test": len(splits["test"].image_ids),
+            "map50": MAP50_NOTE,
+            "seconds": round(time.perf_counter() - start, 1),
+        },
+        "points": {point: results[point]},
+        "controls": controls,
+        "validity": validity(controls, config["pixels_min"], config["min_gap"]),
+    })
+    write_json(args.metrics, metrics)
+    reconstruction_samples(splits["test"].images, reconstructions, config["samples"],
+                           args.plots / "samples.png")
+    print(f"reconstruct: {metrics['meta']['seconds']} s; validity {metrics['validity']}",
+          flush=True)
+    if not metrics["validity"]["valid"]:
+        print("warning: the reconstruction controls missed their bands; this run's "
+              "reconstruction results are not valid", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Tokens pooled onto a latent grid by area overlap."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vlmprobe.align.pooling import area_weights, pool_tokens
+from vlmprobe.extract.geometry import TokenGeometry
+
+
+def test_area_weights_average_the_covered_tokens():
+    fine = TokenGeometry.single_grid((4, 4), 4, 4)  # 1-px tokens
+    coarse = TokenGeometry.single_grid((4, 4), 2, 2)  # 2-px cells
+    weights = area_weights(fine, coarse)
+    assert weights.shape == (4, 16) and np.allclose(weights.sum(axis=1), 1.0)
+    tokens = np.arange(16, dtype=np.float32).reshape(1, 16, 1)
+    assert pool_tokens(tokens, weights)[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+def test_uneven_grids_weight_by_overlap():
+    source = TokenGeometry.single_grid((3, 3), 1, 3)  # three 1-px wide columns
+    target = TokenGeometry.single_grid((3, 3), 1, 2)  # two 1.5-px wide columns
+    assert np.allclose(area_weights(source, target), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]])

@@ -1,0 +1,60 @@
+"""The spatial report: plan bands per cell, go/no-go from valid probes only, plan figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmprobe.report.spatial import band, go_no_go, plan, spatial_markdown, spatial_summary
+
+
+def _metrics(reconstruction_valid: bool = True, spatial_iou: float = 0.62) -> dict:
+    point = {"bbox_iou": 0.55, "bbox_iou_ci95": [0.5, 0.6], "dense_map50": 0.9,
+             "lpips": 0.32, "spatial_iou": spatial_iou, "spatial_iou_ci95": [0.55, 0.7]}
+    validity = {
+        probe: {"valid": True, "reason": "controls within their bands"}
+        for probe in ("bbox", "dense", "detr")
+    }
+    validity["reconstruction"] = {"valid": reconstruction_valid, "reason": "pixels missed"}
+    return {
+        "meta": {"vlm": "m", "display_name": "M", "weights_source": "w", "n_train": 3,
+                 "n_val": 1, "n_test": 1},
+        "points": {"early": {"bbox_iou": 0.3, "bbox_iou_ci95": [0.2, 0.4]}, "final": point},
+        "controls": {"oracle": {"bbox_iou": 0.8, "bbox_iou_ci95": [0.7, 0.9]}},
+        "validity": validity,
+    }
+
+
+@pytest.mark.parametrize(("metric", "value", "verdict"), [
+    ("bbox_iou", 0.65, "target"), ("bbox_iou", 0.55, "acceptable"), ("bbox_iou", 0.45, "marginal"),
+    ("bbox_iou", 0.35, "fail"), ("lpips", 0.25, "target"), ("lpips", 0.5, "fail"),
+    ("spatial_iou", 0.45, "fail"),
+])
+def test_band_follows_the_plan(metric, value, verdict):
+    assert band(metric, value, plan()["bands"]) == verdict
+
+
+def test_go_when_every_threshold_passes_at_the_best_point():
+    result = go_no_go(_metrics(), plan())
+    assert result["verdict"] == "GO"
+    assert result["checks"]["bbox_iou"] == {"status": "pass", "point": "final", "value": 0.55,
+                                            "threshold": 0.4}
+
+
+def test_no_go_when_a_valid_probe_misses():
+    assert go_no_go(_metrics(spatial_iou=0.4), plan())["verdict"] == "NO-GO"
+
+
+def test_an_invalid_probe_gives_no_decision():
+    result = go_no_go(_metrics(reconstruction_valid=False), plan())
+    assert result["verdict"] == "NO DECISION"
+    assert "invalid" in result["checks"]["spatial_iou"]["why"]
+
+
+def test_markdown_marks_bands_and_labels_plan_figures():
+    metrics = _metrics(reconstruction_valid=False)
+    text = spatial_markdown(spatial_summary(metrics), metrics, {"fig": "a.png"})
+    assert "0.550 [0.50, 0.60] **A**" in text  # bbox IoU, acceptable
+    assert "0.620 [0.55, 0.70] **T** (invalid)" in text  # reconstruction probe invalid
+    assert "Plan figures for Qwen2.5-VL (not measured here)" in text
+    assert "| early | 0.300 [0.20, 0.40] **F** | - |" in text
+    assert "![fig](a.png)" in text
