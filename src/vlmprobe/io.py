@@ -44,6 +44,20 @@ def write_bytes(path: Path | str, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+METRIC_DIGITS = 4  # digits kept in metrics: float noise below this never shows up in a diff
+
+
+def rounded(obj: Any, digits: int = METRIC_DIGITS) -> Any:
+    """`obj` with every float (in nested dicts and lists) rounded to `digits`."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
 def write_json(path: Path | str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 

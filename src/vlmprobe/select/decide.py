@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from vlmprobe.io import METRIC_DIGITS
 from vlmprobe.select.criteria import FAIL, NOT_MEASURED, PASS, UNDECIDED, Criterion, judge
 from vlmprobe.select.measure import Run
 from vlmprobe.select.score import COMPLEXITY_LEVELS, weighted_score
@@ -22,8 +23,6 @@ from vlmprobe.select.tables import (
     selection_matrix,
     success_summary,
 )
-
-ROUND = 4
 
 
 def all_of(verdicts: Sequence[str]) -> str:
@@ -54,9 +53,9 @@ def _measurement(run: Run, quantity: str) -> dict[str, Any]:
     m = run.measurements.get(quantity)
     if m is None:
         return {"value": None, "why": run.missing.get(quantity, "not measured")}
-    out: dict[str, Any] = {"value": round(m.value, ROUND), "source": m.source}
+    out: dict[str, Any] = {"value": round(m.value, METRIC_DIGITS), "source": m.source}
     if m.ci95 is not None:
-        out["ci95"] = [round(v, ROUND) for v in m.ci95]
+        out["ci95"] = [round(v, METRIC_DIGITS) for v in m.ci95]
     if quantity == "integration_complexity":
         out["level"] = run.complexity
     return out

@@ -28,7 +28,7 @@ from vlmprobe.align.study import (
 )
 from vlmprobe.data.dataset import load_split
 from vlmprobe.extract.store import FeatureStore
-from vlmprobe.io import write_json, write_text
+from vlmprobe.io import rounded, write_json, write_text
 from vlmprobe.params import (
     ParamsError,
     get,
@@ -41,7 +41,6 @@ from vlmprobe.probes.controls import pixel_tokens, shuffled_tokens
 from vlmprobe.vae.registry import VaeError, get_entry, load_vae
 
 PARAMS = ("vlm", "video_vae", "align")
-ROUND = 4
 BANDED = ("cka_linear", "r2", "spearman", "recall_at_10")
 HEADLINE = "cka_linear"
 
@@ -80,14 +79,6 @@ def validate(params: dict) -> dict:
     }
 
 
-def rounded(obj):
-    if isinstance(obj, float):
-        return round(obj, ROUND)
-    if isinstance(obj, dict):
-        return {k: rounded(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [rounded(v) for v in obj]
-    return obj
 
 
 def verdict(value: float, band: dict) -> str:
@@ -192,13 +183,11 @@ def main(argv: list[str] | None = None) -> None:
                                      for m in BANDED},
             "rbf_sigma": settings.rbf_sigma,
             "minibatch_size": settings.minibatch_size,
-            "seconds": time.perf_counter() - start,
         },
         "points": points,
         "controls": controls,
         "bands": band_verdicts(points, config["bands"]),
     })
-    metrics["meta"]["seconds"] = round(metrics["meta"]["seconds"], 1)
     write_json(args.metrics, metrics)
     write_text(args.plots / "points.csv", points_csv(metrics))
     groups = channel_groups(vae.latent_channels, config["channel_groups"])
@@ -206,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     cka_heatmap(heat, [f"{g[0]}-{g[-1]}" for g in groups],
                 f"{store.manifest['display_name']} vs {target_info['display_name']}", heatmap)
     write_report(metrics, args.results / f"{config['vlm']}-alignment.md", heatmap)
-    print(f"align: optimal point {optimal}; {metrics['meta']['seconds']} s", flush=True)
+    # Wall time is printed, not stored: metrics must repeat exactly from run to run.
+    print(f"align: optimal point {optimal}; {time.perf_counter() - start:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 
 from vlmprobe.data.dataset import SPLITS, Split, load_split
 from vlmprobe.extract.store import FeatureStore
-from vlmprobe.io import write_json, write_text
+from vlmprobe.io import rounded, write_json, write_text
 from vlmprobe.params import (
     ParamsError,
     get,
@@ -41,7 +41,6 @@ from vlmprobe.probes.validity import CONTROLLED, Band
 from vlmprobe.report.figures import box_samples, reconstruction_samples
 
 PARAMS = ("probe",)
-ROUND = 4  # digits kept in metrics: float noise below this never shows up in a diff
 CONTROLS = ("oracle", "oracle_shuffled", "shuffled", "pixels")
 TRAINED = ("dense", "detr", "reconstruction")
 LPIPS_NETS = ("alex", "vgg")
@@ -165,14 +164,6 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
     }
 
 
-def rounded(obj):
-    if isinstance(obj, float):
-        return round(obj, ROUND)
-    if isinstance(obj, dict):
-        return {k: rounded(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [rounded(v) for v in obj]
-    return obj
 
 
 def per_split(fn, splits: dict[str, Split]) -> dict[str, np.ndarray]:
