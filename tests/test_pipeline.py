@@ -28,7 +28,7 @@ def test_experiments_run_from_a_clean_clone_and_diff(project):
 
     # The workspace holds the last experiment: its report and figure exist.
     assert (project / "results/p4/dinov2_small-spatial.yaml").exists()
-    assert (project / "plots/report/bbox_iou_by_point.png").stat().st_size > 1000
+    assert (project / "plots/report/metrics_by_point.png").stat().st_size > 1000
     first = metrics(project)
     assert first["validity"]["valid"] is True
 
