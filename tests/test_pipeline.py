@@ -30,7 +30,7 @@ def test_experiments_run_from_a_clean_clone_and_diff(project):
     assert (project / "results/p4/dinov2_small-spatial.yaml").exists()
     assert (project / "plots/report/metrics_by_point.png").stat().st_size > 1000
     first = metrics(project)
-    assert first["validity"]["valid"] is True
+    assert first["validity"]["bbox"]["valid"] is True
 
     # Determinism: forcing every stage to run again gives identical metrics.
     run(["dvc", "repro", "--force"], project)
