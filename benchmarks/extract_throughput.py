@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--vlm", default="qwen2_5_vl_tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[16],
+                        help="engine images per forward pass; several values: one timing each")
     parser.add_argument("--size", type=int, default=224, help="image side, px")
     args = parser.parse_args()
 
@@ -96,16 +97,17 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
         "images": args.images,
-        "batch_size": args.batch_size,
     }
     with tempfile.TemporaryDirectory() as tmp:
         results["naive"] = naive_loop(adapter, model, images, device, Path(tmp) / "naive")
-        for name, points in point_sets(adapter, model).items():
-            timing = engine(adapter, model, images, points, device, args.batch_size,
-                            Path(tmp) / name)
-            timing["points"] = points
-            timing["speedup"] = timing["images_per_s"] / results["naive"]["images_per_s"]
-            results[f"engine_{name}"] = timing
+        for batch_size in args.batch_size:
+            for name, points in point_sets(adapter, model).items():
+                timing = engine(adapter, model, images, points, device, batch_size,
+                                Path(tmp) / f"{name}-{batch_size}")
+                timing["points"] = points
+                timing["batch_size"] = batch_size
+                timing["speedup"] = timing["images_per_s"] / results["naive"]["images_per_s"]
+                results[f"engine_{name}_batch{batch_size}"] = timing
     print(json.dumps(results, indent=2))
 
 
