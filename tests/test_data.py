@@ -311,5 +311,5 @@ def test_stage_writes_both_datasets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(PARAMS))
     data_stage.main(["--out", "out"])
-    assert load_split(Path("out/shapes"), "test").images.shape[0] == SHAPES["n_test"]
-    assert (Path("out/moving_shapes") / "clips.npz").is_file()
+    assert load_split(Path("out/images"), "test").images.shape[0] == SHAPES["n_test"]
+    assert (Path("out/clips") / "clips.npz").is_file()

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     summary = {
-        "shapes": generate_shapes(args.out / "shapes", **shapes_settings),
-        "moving_shapes": generate_moving_shapes(args.out / "moving_shapes", **moving_settings),
+        "images": generate_shapes(args.out / "images", **shapes_settings),
+        "clips": generate_moving_shapes(args.out / "clips", **moving_settings),
     }
     for name in summary:
         summary[name]["size_mb"] = round(_size_mb(args.out / name), 2)

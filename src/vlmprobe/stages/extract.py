@@ -109,8 +109,8 @@ def publish(work: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
-    parser.add_argument("--clips", type=Path, default=Path("data/moving_shapes"))
+    parser.add_argument("--data", type=Path, default=Path("data/images"))
+    parser.add_argument("--clips", type=Path, default=Path("data/clips"))
     parser.add_argument("--out", type=Path, default=Path("data/features"))
     parser.add_argument("--clip-out", type=Path, default=Path("data/clip_features"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/extract.json"))
