@@ -118,3 +118,78 @@ def corrupt_coco(root: Path, image_id: int, kind: str) -> str:
         (root / ANNOTATIONS).write_text(json.dumps(coco))
         return "annotation 99999 points at image_id 424242"
     raise ValueError(f"unknown corruption {kind!r}")
+
+
+# SSv2: (template, on-screen motion (dx, dy) per frame or None for none).
+SSV2_TEMPLATES = (
+    ("Pushing [something] from left to right", (1, 0)),
+    ("Pushing [something] from right to left", (-1, 0)),
+    ("Moving [something] up", (0, -1)),
+    ("Moving [something] down", (0, 1)),
+    ("Holding [something]", None),  # not directional: the data stage leaves it out
+)
+SSV2_LABELS = "labels/validation.json"
+SSV2_VIDEOS = "20bn-something-something-v2"
+SSV2_SIZE = (96, 72)  # (width, height): letterboxed by the data stage
+SSV2_FPS = 12
+
+
+def encode_video(path: Path, frames: np.ndarray, fps: int = SSV2_FPS) -> None:
+    """(T, H, W, 3) uint8 frames as a VP9 webm, as SSv2 ships its videos."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_ssv2(root: Path, n_videos: int = 40, n_frames: int = 16, seed: int = 0) -> Path:
+    """<root>/20bn-something-something-v2/<id>.webm (a square moving on a plain background) and
+    <root>/labels/validation.json with SSv2's fields; every fifth video's template is not
+    directional."""
+    rng = np.random.default_rng(seed)
+    (root / SSV2_VIDEOS).mkdir(parents=True, exist_ok=True)
+    width, height = SSV2_SIZE
+    labels = []
+    for index in range(n_videos):
+        video_id = str(50000 + 3 * index)
+        template, step = SSV2_TEMPLATES[index % len(SSV2_TEMPLATES)]
+        side, speed = 16, 3
+        dx, dy = step or (0, 0)
+        x0 = int(rng.integers(0, width - side - abs(dx) * speed * (n_frames - 1) + 1))
+        y0 = int(rng.integers(0, height - side - abs(dy) * speed * (n_frames - 1) + 1))
+        x0 += (width - side - 2 * x0) * (dx < 0)  # leftward starts on the right
+        y0 += (height - side - 2 * y0) * (dy < 0)
+        frames = np.empty((n_frames, height, width, 3), np.uint8)
+        frames[:] = rng.integers(0, 100, 3)
+        for t in range(n_frames):
+            x, y = x0 + dx * speed * t, y0 + dy * speed * t
+            frames[t, y : y + side, x : x + side] = (230, 200, 40)
+        encode_video(root / SSV2_VIDEOS / f"{video_id}.webm", frames)
+        labels.append({"id": video_id, "label": template.replace("[", "").replace("]", ""),
+                       "template": template, "placeholders": ["something"]})
+    (root / "labels").mkdir(exist_ok=True)
+    (root / SSV2_LABELS).write_text(json.dumps(labels))
+    return root
+
+
+def corrupt_video(root: Path, video_id: str, kind: str) -> str:
+    """Break one video; return text the error message must contain."""
+    path = root / SSV2_VIDEOS / f"{video_id}.webm"
+    if kind == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return f"{path}: unreadable video"
+    if kind == "missing":
+        path.unlink()
+        return f"{path}: file not found"
+    if kind == "not_a_video":
+        path.write_bytes(b"this is not a webm")
+        return f"{path}: unreadable video"
+    raise ValueError(f"unknown corruption {kind!r}")

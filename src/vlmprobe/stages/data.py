@@ -7,6 +7,8 @@ masks) and clips as clips.npz + clips.json.
 - shapes: synthetic shapes and moving-shapes clips (vlmprobe.data.shapes, .moving_shapes).
 - coco: a letterboxed subset of a local COCO-format copy (vlmprobe.data.coco); the clips
   stay the synthetic moving shapes, as COCO has no video.
+- ssv2: clips of a local Something-Something v2 copy's directional templates
+  (vlmprobe.data.ssv2); the images stay the synthetic shapes, as SSv2 has no boxes.
 
 Bad samples follow `data.on_bad_sample` (vlmprobe.data.bad_samples); `metrics/data.json`
 records the dataset, split sizes and the skipped samples.
@@ -24,11 +26,12 @@ from vlmprobe.data.bad_samples import POLICIES, BadSampleError, apply_policy
 from vlmprobe.data.coco import SourceError, write_coco_subset
 from vlmprobe.data.moving_shapes import generate_moving_shapes, max_speed
 from vlmprobe.data.shapes import MIN_SHAPE_SIZE, generate_shapes
+from vlmprobe.data.ssv2 import write_ssv2_subset
 from vlmprobe.io import write_json
 from vlmprobe.params import ParamsError, get, load_params, require_choice, require_int
 
 PARAMS = ("data",)
-DATASETS = ("shapes", "coco")
+DATASETS = ("shapes", "coco", "ssv2")
 
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 2048
@@ -75,7 +78,7 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
         "workers": require_int(params, "data.workers", 0, MAX_WORKERS),
     }
     common = {"seed": seed, "image_size": image_size}
-    if dataset == "shapes":
+    if dataset in ("shapes", "ssv2"):
         min_objects = require_int(params, "data.shapes.min_objects", 1, MAX_OBJECTS)
         min_size = require_int(params, "data.shapes.min_size", MIN_SHAPE_SIZE, image_size)
         config["shapes"] = {
@@ -98,6 +101,19 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
             "on_bad_sample": config["on_bad_sample"],
             "workers": config["workers"],
         }
+    if dataset == "ssv2":
+        config["ssv2"] = {
+            "videos_dir": _require_path(params, "data.ssv2.videos"),
+            "labels": _require_path(params, "data.ssv2.labels"),
+            "seed": seed,
+            "image_size": require_int(params, "data.ssv2.image_size", MIN_IMAGE_SIZE,
+                                      MAX_IMAGE_SIZE),
+            "n_frames": require_int(params, "data.ssv2.n_frames", 2, MAX_FRAMES),
+            **_split_sizes(params, "data.ssv2"),
+            "on_bad_sample": config["on_bad_sample"],
+            "workers": config["workers"],
+        }
+        return config
     n_frames = require_int(params, "data.moving_shapes.n_frames", 2, MAX_FRAMES)
     config["moving_shapes"] = {
         **common,
@@ -114,15 +130,21 @@ def _size_mb(path: Path) -> float:
 
 def write_datasets(config: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write images and clips under `out`; return what metrics/data.json records."""
-    if config["dataset"] == "coco":
-        images = write_coco_subset(out / "images", **config["coco"])
+    dataset = config["dataset"]
+    skipped = apply_policy([], config["on_bad_sample"])
+    # A local source goes first, so a bad sample stops the stage before anything is written.
+    if dataset == "coco":
+        images = {"source": "coco", **write_coco_subset(out / "images", **config["coco"])}
         skipped = images.pop("skipped")
-    else:
-        images = generate_shapes(out / "images", **config["shapes"])
-        skipped = apply_policy([], config["on_bad_sample"])
-    clips = generate_moving_shapes(out / "clips", **config["moving_shapes"])
-    return {"dataset": config["dataset"], "images": images,
-            "clips": {"source": "moving_shapes", **clips}, "skipped": skipped}
+    if dataset == "ssv2":
+        clips = {"source": "ssv2", **write_ssv2_subset(out / "clips", **config["ssv2"])}
+        skipped = clips.pop("skipped")
+    if dataset != "coco":
+        images = {"source": "shapes", **generate_shapes(out / "images", **config["shapes"])}
+    if dataset != "ssv2":
+        clips = {"source": "moving_shapes",
+                 **generate_moving_shapes(out / "clips", **config["moving_shapes"])}
+    return {"dataset": config["dataset"], "images": images, "clips": clips, "skipped": skipped}
 
 
 def main(argv: list[str] | None = None) -> None:

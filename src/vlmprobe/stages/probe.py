@@ -285,10 +285,14 @@ def main(argv: list[str] | None = None) -> None:
                            args.plots / "reconstructions.png")
     print("probe: timings (s) " + json.dumps({k: round(v, 1) for k, v in suite.timings.items()}),
           flush=True)
-    invalid = [p for p, v in metrics["validity"].items() if not v["valid"]]
+    invalid = [p for p, v in metrics["validity"].items() if v["valid"] is False]
     if invalid:
         print(f"warning: controls missed their bands for {', '.join(invalid)}; those probes' "
               "results are not valid for this run", flush=True)
+    unknown = [p for p, v in metrics["validity"].items() if v["valid"] is None]
+    if unknown:
+        print(f"note: validity unknown for {', '.join(unknown)} (a control was not run)",
+              flush=True)
 
 
 if __name__ == "__main__":
