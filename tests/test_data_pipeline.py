@@ -69,7 +69,7 @@ def test_coco_fixture(tmp_path):
 
 
 def test_ssv2_fixture(tmp_path):
-    source = make_ssv2(tmp_path / "ssv2")
+    source = make_ssv2(tmp_path / "ssv2", n_videos=45)  # 36 directional: room to skip
     expected = corrupt_video(source, "50000", "truncated")
     project = make_project(tmp_path / "project", {
         "data.ssv2.n_train": 16, "data.ssv2.n_val": 8, "data.ssv2.n_test": 8,
