@@ -36,8 +36,11 @@ SHAPES = dict(
 MOVING = dict(image_size=64, n_train=16, n_val=8, n_test=8, n_frames=4, speed=3)
 PARAMS = {
     "data": {
+        "dataset": "shapes",
         "seed": 0,
         "image_size": 64,
+        "on_bad_sample": "fail",
+        "workers": 0,
         "shapes": {k: v for k, v in SHAPES.items() if k != "image_size"},
         "moving_shapes": {k: v for k, v in MOVING.items() if k != "image_size"},
     }
@@ -274,7 +277,8 @@ def _with(**changes: object) -> dict:
 
 
 def test_valid_params_pass():
-    shapes, moving = data_stage.validate(PARAMS)
+    config = data_stage.validate(PARAMS)
+    shapes, moving = config["shapes"], config["moving_shapes"]
     assert shapes["max_size"] == SHAPES["max_size"] and moving["speed"] == MOVING["speed"]
 
 
@@ -311,5 +315,5 @@ def test_stage_writes_both_datasets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(PARAMS))
     data_stage.main(["--out", "out"])
-    assert load_split(Path("out/shapes"), "test").images.shape[0] == SHAPES["n_test"]
-    assert (Path("out/moving_shapes") / "clips.npz").is_file()
+    assert load_split(Path("out/images"), "test").images.shape[0] == SHAPES["n_test"]
+    assert (Path("out/clips") / "clips.npz").is_file()

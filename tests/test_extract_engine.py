@@ -66,7 +66,7 @@ def test_stage_writes_image_and_clip_stores_and_metrics(tmp_path):
     assert clips.points == ["C4"]  # extract.clip_points: deepest
     assert clips.manifest["n_frames"] == 2 and clips.manifest["clip_ids"] == [0, 1, 2]
     assert clips.image_ids == [0, 1, 2, 3, 4, 5]  # clip_id * n_frames + t
-    with np.load(project / "data/moving_shapes/clips.npz") as data:
+    with np.load(project / "data/clips/clips.npz") as data:
         assert data["frames"].shape[:2] == (3, 2)
     metrics = read_json(project / "metrics/extract.json")
     assert metrics["points"]["C1"] == {"n_tokens": 16, "dim": 32}

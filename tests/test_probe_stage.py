@@ -66,13 +66,13 @@ def _store(root: Path, ids: list[int], images: np.ndarray, extra: dict) -> None:
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project directory with params, tiny shapes, clips, both stores and LPIPS weights."""
     root = tmp_path_factory.mktemp("stage")
-    generate_shapes(root / "data/shapes", seed=0, image_size=SIZE, n_train=16, n_val=6, n_test=6,
+    generate_shapes(root / "data/images", seed=0, image_size=SIZE, n_train=16, n_val=6, n_test=6,
                     min_objects=1, max_objects=2, min_size=12, max_size=24)
-    ids, images = load_all_images(root / "data/shapes")
+    ids, images = load_all_images(root / "data/images")
     _store(root / "data/features", ids, images, {})
-    generate_moving_shapes(root / "data/moving_shapes", seed=0, image_size=SIZE, n_train=16,
+    generate_moving_shapes(root / "data/clips", seed=0, image_size=SIZE, n_train=16,
                            n_val=8, n_test=8, n_frames=3, speed=3)
-    with np.load(root / "data/moving_shapes/clips.npz") as z:
+    with np.load(root / "data/clips/clips.npz") as z:
         frames = z["frames"]
     clip_ids = list(range(len(frames)))
     frame_ids = [c * 3 + t for c in clip_ids for t in range(3)]

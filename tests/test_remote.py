@@ -403,7 +403,7 @@ def test_pushed_run_cache_restores_stages_the_lock_file_does_not_record(
     assert "Running stage" not in result.stdout
     for stage in ("assets", "data", "extract"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in result.stdout
-    for out in ("data/assets", "data/shapes", "data/features"):
+    for out in ("data/assets", "data/images", "data/features"):
         assert contents(clone / out) == contents(team.origin / out), out
 
 

@@ -1,4 +1,8 @@
-"""Loading the synthetic shapes dataset written by `vlmprobe.data.shapes` into arrays."""
+"""Loading the image dataset the data stage wrote (COCO format, any source) into arrays.
+
+Crowd regions (iscrowd 1, COCO only) stay in the JSON, where pycocotools treats them as
+regions to ignore, but are not instances: the splits' boxes, labels and masks leave them out.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 
+from vlmprobe.data.loader import read_images
 from vlmprobe.io import read_json
 
 SPLITS = ("train", "val", "test")
@@ -49,14 +53,11 @@ def _read_coco(root: Path, split: str) -> dict[str, Any]:
     return read_json(path)
 
 
-def _load_images(root: Path, image_entries: list[dict]) -> np.ndarray:
-    images = []
-    for entry in image_entries:
-        path = Path(root) / entry["file_name"]
+def _load_images(root: Path, image_entries: list[dict], workers: int = 1) -> np.ndarray:
+    paths = [Path(root) / entry["file_name"] for entry in image_entries]
+    for path in paths:
         _require_file(path)
-        with Image.open(path) as image:
-            images.append(np.asarray(image.convert("RGB")))
-    return np.stack(images)
+    return read_images(paths, workers)
 
 
 def _xyxy(bbox: list[float]) -> list[float]:
@@ -70,7 +71,8 @@ def load_split(root: Path, split: str) -> Split:
     coco = _read_coco(root, split)
     annotations_of: dict[int, list[dict]] = {entry["id"]: [] for entry in coco["images"]}
     for annotation in coco["annotations"]:
-        annotations_of[annotation["image_id"]].append(annotation)
+        if not annotation.get("iscrowd", 0):
+            annotations_of[annotation["image_id"]].append(annotation)
     images = _load_images(root, coco["images"])
     height, width = images.shape[1:3]
     boxes, labels, masks = [], [], []
@@ -97,10 +99,10 @@ def load_split(root: Path, split: str) -> Split:
     )
 
 
-def load_all_images(root: Path) -> tuple[list[int], np.ndarray]:
-    """Every split's images, in ascending image id."""
+def load_all_images(root: Path, workers: int = 1) -> tuple[list[int], np.ndarray]:
+    """Every split's images, in ascending image id, decoded in `workers` processes."""
     entries = sorted(
         (entry for split in SPLITS for entry in _read_coco(root, split)["images"]),
         key=lambda entry: entry["id"],
     )
-    return [entry["id"] for entry in entries], _load_images(root, entries)
+    return [entry["id"] for entry in entries], _load_images(root, entries, workers)

@@ -11,6 +11,13 @@ The probe is linear in the tokens, in three linear steps:
 The ridge penalty and the logistic penalty are chosen together on val. A classifier on the
 velocities of all D feature dimensions would overfit 140 training clips; the readout keeps the
 few that locate objects. With positions shuffled the moments no longer follow the object.
+
+Clips without boxes (Something-Something v2, vlmprobe.data.ssv2: the videos of a few
+directional templates, labelled E, N, W or S) have no position ground truth for the readout to
+fit. There the readout is unsupervised: the top principal components of the train frames'
+tokens (PCA_COMPONENTS, the count chosen on val with the logistic penalty). The oracle
+controls are built from the boxes, so on such clips they are not run and the probe's validity
+is unknown; `shuffled` and `pixels` run as usual.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from vlmprobe.probes.ridge import LinearMap, fit_ridge_path
 from vlmprobe.probes.training import token_centres
 
 N_DIRECTIONS = 8
+PCA_COMPONENTS = (8, 32)  # unsupervised readouts tried on clips without boxes
+BOX_CONTROLS = ("oracle", "oracle_shuffled")  # need the clips' boxes
 
 
 @dataclass(frozen=True)
@@ -108,9 +117,28 @@ def fit_readouts(
     return fit_ridge_path(np.concatenate(xs), np.concatenate(ys), settings.ridge_alphas)
 
 
+def fit_pca_readouts(
+    load_frames: Callable[[np.ndarray], np.ndarray], train_ids: np.ndarray,
+    settings: TemporalSettings,
+) -> dict[int, LinearMap]:
+    """Readouts that need no labels: projections on the top principal components of the
+    tokens of `readout_frames` frames of every train clip, one map per component count."""
+    xs = []
+    for s in range(0, len(train_ids), 20):
+        frames = load_frames(train_ids[s : s + 20])
+        pick = np.linspace(0, frames.shape[1] - 1, settings.readout_frames).round().astype(int)
+        xs.append(frames[:, pick].reshape(-1, frames.shape[-1]).astype(np.float64))
+    x = np.concatenate(xs)
+    x -= x.mean(axis=0)
+    _, _, components = np.linalg.svd(x, full_matrices=False)
+    return {k: LinearMap(components[:k].T, np.zeros(min(k, len(components))))
+            for k in PCA_COMPONENTS}
+
+
 def run_temporal_probe(
     pooled: dict[str, np.ndarray], directions: dict[str, np.ndarray],
     readouts: dict[float, LinearMap], settings: TemporalSettings,
+    readout_name: str = "ridge_alpha",
 ) -> dict:
     """Fit on train, choose the penalties on val, report test `direction_acc` with its
     interval. pooled[split]: (N, 3, D) moment velocities from `moment_pooling`."""
@@ -133,7 +161,7 @@ def run_temporal_probe(
         "direction_acc": float(correct.mean()),
         "direction_acc_ci95": list(bootstrap_ci(correct, ones, settings.bootstrap, settings.seed)),
         "direction_val_acc": val,
-        "direction_selected": {"ridge_alpha": alpha, "penalty": c},
+        "direction_selected": {readout_name: alpha, "penalty": c},
     }
 
 
@@ -187,18 +215,29 @@ def run_temporal(
     reference = clips.store.points[-1]
     geometry = clips.store.geometry(reference)
 
-    categories = [c["id"] for c in clips.labels["categories"]]
+    has_boxes = "boxes" in clips.labels
+    if not has_boxes:
+        unavailable = [name for name in control_names if name in BOX_CONTROLS]
+        if unavailable:
+            print(f"probe: temporal: no boxes in {clips.root / 'clips.json'}: controls "
+                  f"{', '.join(unavailable)} not run, validity unknown", flush=True)
+        control_names = [name for name in control_names if name not in BOX_CONTROLS]
 
     def coverage_on(g: TokenGeometry) -> np.ndarray:
+        categories = [c["id"] for c in clips.labels["categories"]]
         return clip_coverage(clips.labels["boxes"], clips.labels["category_id"],
                              clips.labels["distractor_boxes"], categories, g)
 
-    coverage = coverage_on(geometry)
+    coverage = coverage_on(geometry) if has_boxes else None
 
     def probe(load: Callable[[np.ndarray], np.ndarray], g: TokenGeometry) -> dict:
+        pooled = {s: pooled_clips(load, ids, g) for s, ids in clips.splits.items()}
+        if not has_boxes:
+            readouts = fit_pca_readouts(load, clips.splits["train"], settings)
+            return run_temporal_probe(pooled, directions, readouts, settings,
+                                      readout_name="pca_components")
         target = coverage if g == geometry else coverage_on(g)
         readouts = fit_readouts(load, target, clips.splits["train"], settings)
-        pooled = {s: pooled_clips(load, ids, g) for s, ids in clips.splits.items()}
         return run_temporal_probe(pooled, directions, readouts, settings)
 
     for point in tqdm(clips.store.points, desc="temporal", unit="point"):

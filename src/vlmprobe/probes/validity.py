@@ -39,7 +39,8 @@ def probe_validity(probe: str, controls: dict[str, dict], band: Band) -> dict:
     }
     if pos is None or neg is None:
         missing = [name for name, v in ((positive, pos), (negative, neg)) if v is None]
-        return {**verdict, "valid": False, "reason": f"control not run: {', '.join(missing)}"}
+        # Unknown, not failed: e.g. clips without boxes (SSv2) have no oracle to build.
+        return {**verdict, "valid": None, "reason": f"control not run: {', '.join(missing)}"}
     positive_pass = pos >= band.positive_min
     negative_pass = neg <= band.negative_max and pos - neg >= band.min_gap
     reasons = []

@@ -147,8 +147,26 @@ def _table(rows: dict[str, dict], p: dict | None, invalid: set[str], first: str)
     return lines
 
 
-def spatial_markdown(summary: dict[str, Any], metrics: dict[str, Any], figures: dict[str, str]
-                     ) -> str:
+DATASET_NAMES = {
+    "shapes": "Synthetic shapes",
+    "coco": "COCO (a letterboxed subset of a local copy)",
+    "ssv2": "Synthetic shapes (images) with Something-Something v2 clips (direction)",
+}
+
+
+def data_lines(data: dict[str, Any] | None) -> list[str]:
+    """The skipped bad samples (metrics/data.json), listed by name; nothing if none."""
+    skipped = (data or {}).get("skipped", {"count": 0})
+    if not skipped["count"]:
+        return []
+    return ["", "## Skipped samples", "",
+            f"{skipped['count']} bad sample(s) left out (`data.on_bad_sample: skip`):", "",
+            *(f"- `{name}`" for name in skipped["samples"])]
+
+
+def spatial_markdown(summary: dict[str, Any], metrics: dict[str, Any], figures: dict[str, str],
+                     data: dict[str, Any] | None = None) -> str:
+    """The report; `data` (metrics/data.json) names the dataset and any skipped samples."""
     p = plan()
     validity = metrics["validity"]
     invalid = {probe for probe, v in validity.items() if not v["valid"]}
@@ -157,7 +175,8 @@ def spatial_markdown(summary: dict[str, Any], metrics: dict[str, Any], figures: 
         f"# Spatial probing: {summary['model']}",
         "",
         f"Registry entry `{summary['registry_entry']}`, weights: {summary['weights_source']}. "
-        f"Synthetic shapes, {d['n_train']}/{d['n_val']}/{d['n_test']} train/val/test images; "
+        f"{DATASET_NAMES[(data or {}).get('dataset', 'shapes')]}, "
+        f"{d['n_train']}/{d['n_val']}/{d['n_test']} train/val/test images; "
         "every value is on the test split with a seeded bootstrap 95% interval over images "
         "(clips for direction).",
         "",
@@ -194,7 +213,9 @@ def spatial_markdown(summary: dict[str, Any], metrics: dict[str, Any], figures: 
         "|---|---|---|---|",
     ]
     for name, info in summary["probes"].items():
-        valid = {True: "yes", False: "**no**", None: "not run"}[info["valid"]]
+        valid = ("not run" if name not in validity
+                 else {True: "yes", False: "**no**", None: "unknown (a control not run)"}[
+                     info["valid"]])
         lines.append(f"| {name} | {valid} | {info['controls']} | {info['capacity']} |")
     base = summary["plan_figures"]
     lines += [
@@ -213,6 +234,7 @@ def spatial_markdown(summary: dict[str, Any], metrics: dict[str, Any], figures: 
         "## Figures",
         "",
         *(f"![{label}]({path})" for label, path in figures.items()),
+        *data_lines(data),
         "",
     ]
     return "\n".join(lines)

@@ -111,7 +111,7 @@ def points_csv(metrics: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--data", type=Path, default=Path("data/images"))
     parser.add_argument("--features", type=Path, default=Path("data/features"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/align.json"))
     parser.add_argument("--plots", type=Path, default=Path("plots/align"))

@@ -1,4 +1,18 @@
-"""Stage `data`: generate the synthetic shapes and moving-shapes datasets under `--out`."""
+"""Stage `data`: write the image dataset to `--out`/images and the clips to `--out`/clips.
+
+Whatever `data.dataset` is, the outputs have one format, so every later stage reads them alike:
+images as COCO (PNGs at image_size x image_size, instances_{train,val,test}.json with RLE
+masks) and clips as clips.npz + clips.json.
+
+- shapes: synthetic shapes and moving-shapes clips (vlmprobe.data.shapes, .moving_shapes).
+- coco: a letterboxed subset of a local COCO-format copy (vlmprobe.data.coco); the clips
+  stay the synthetic moving shapes, as COCO has no video.
+- ssv2: clips of a local Something-Something v2 copy's directional templates
+  (vlmprobe.data.ssv2); the images stay the synthetic shapes, as SSv2 has no boxes.
+
+Bad samples follow `data.on_bad_sample` (vlmprobe.data.bad_samples); `metrics/data.json`
+records the dataset, split sizes and the skipped samples.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +22,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlmprobe.data.bad_samples import POLICIES, BadSampleError, apply_policy
+from vlmprobe.data.coco import SourceError, write_coco_subset
 from vlmprobe.data.moving_shapes import generate_moving_shapes, max_speed
 from vlmprobe.data.shapes import MIN_SHAPE_SIZE, generate_shapes
-from vlmprobe.params import ParamsError, load_params, require_int
+from vlmprobe.data.ssv2 import write_ssv2_subset
+from vlmprobe.io import write_json
+from vlmprobe.params import ParamsError, get, load_params, require_choice, require_int
 
 PARAMS = ("data",)
+DATASETS = ("shapes", "coco", "ssv2")
 
 MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 2048
 MAX_SPLIT_SIZE = 1_000_000
 MAX_OBJECTS = 16
 MAX_FRAMES = 64
+MAX_WORKERS = 64
 
 
 def _split_sizes(params: dict[str, Any], section: str) -> dict[str, int]:
@@ -39,55 +59,116 @@ def _require_speed(params: dict[str, Any], image_size: int, n_frames: int) -> in
     return require_int(params, "data.moving_shapes.speed", 1, fastest)
 
 
-def validate(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check every `data` param; return the keyword arguments of the two generators."""
-    common = {
-        "seed": require_int(params, "data.seed", 0, 2**32 - 1),
-        "image_size": require_int(params, "data.image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
+def _require_path(params: dict[str, Any], key: str) -> Path:
+    value = get(params, key)
+    if not isinstance(value, str) or not value:
+        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid; expected a path. "
+                          f"Fix: `dvc exp run -S {key}=/path/to/your/copy`.")
+    return Path(value).expanduser()
+
+
+def validate(params: dict[str, Any]) -> dict[str, Any]:
+    """Check the `data` params the chosen dataset uses; return each writer's keyword args."""
+    dataset = require_choice(params, "data.dataset", DATASETS)
+    seed = require_int(params, "data.seed", 0, 2**32 - 1)
+    image_size = require_int(params, "data.image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    config: dict[str, Any] = {
+        "dataset": dataset,
+        "on_bad_sample": require_choice(params, "data.on_bad_sample", POLICIES),
+        "workers": require_int(params, "data.workers", 0, MAX_WORKERS),
     }
-    image_size = common["image_size"]
-    min_objects = require_int(params, "data.shapes.min_objects", 1, MAX_OBJECTS)
-    min_size = require_int(params, "data.shapes.min_size", MIN_SHAPE_SIZE, image_size)
-    shapes = {
-        **common,
-        **_split_sizes(params, "data.shapes"),
-        "min_objects": min_objects,
-        "max_objects": require_int(params, "data.shapes.max_objects", min_objects, MAX_OBJECTS),
-        "min_size": min_size,
-        "max_size": require_int(params, "data.shapes.max_size", min_size, image_size),
-    }
+    common = {"seed": seed, "image_size": image_size}
+    if dataset in ("shapes", "ssv2"):
+        min_objects = require_int(params, "data.shapes.min_objects", 1, MAX_OBJECTS)
+        min_size = require_int(params, "data.shapes.min_size", MIN_SHAPE_SIZE, image_size)
+        config["shapes"] = {
+            **common,
+            **_split_sizes(params, "data.shapes"),
+            "min_objects": min_objects,
+            "max_objects": require_int(params, "data.shapes.max_objects", min_objects,
+                                       MAX_OBJECTS),
+            "min_size": min_size,
+            "max_size": require_int(params, "data.shapes.max_size", min_size, image_size),
+        }
+    if dataset == "coco":
+        config["coco"] = {
+            "images_dir": _require_path(params, "data.coco.images"),
+            "annotations": _require_path(params, "data.coco.annotations"),
+            "seed": seed,
+            "image_size": require_int(params, "data.coco.image_size", MIN_IMAGE_SIZE,
+                                      MAX_IMAGE_SIZE),
+            **_split_sizes(params, "data.coco"),
+            "on_bad_sample": config["on_bad_sample"],
+            "workers": config["workers"],
+        }
+    if dataset == "ssv2":
+        config["ssv2"] = {
+            "videos_dir": _require_path(params, "data.ssv2.videos"),
+            "labels": _require_path(params, "data.ssv2.labels"),
+            "seed": seed,
+            "image_size": require_int(params, "data.ssv2.image_size", MIN_IMAGE_SIZE,
+                                      MAX_IMAGE_SIZE),
+            "n_frames": require_int(params, "data.ssv2.n_frames", 2, MAX_FRAMES),
+            **_split_sizes(params, "data.ssv2"),
+            "on_bad_sample": config["on_bad_sample"],
+            "workers": config["workers"],
+        }
+        return config
     n_frames = require_int(params, "data.moving_shapes.n_frames", 2, MAX_FRAMES)
-    moving = {
+    config["moving_shapes"] = {
         **common,
         **_split_sizes(params, "data.moving_shapes"),
         "n_frames": n_frames,
         "speed": _require_speed(params, image_size, n_frames),
     }
-    return shapes, moving
+    return config
 
 
 def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
+def write_datasets(config: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write images and clips under `out`; return what metrics/data.json records."""
+    dataset = config["dataset"]
+    skipped = apply_policy([], config["on_bad_sample"])
+    # A local source goes first, so a bad sample stops the stage before anything is written.
+    if dataset == "coco":
+        images = {"source": "coco", **write_coco_subset(out / "images", **config["coco"])}
+        skipped = images.pop("skipped")
+    if dataset == "ssv2":
+        clips = {"source": "ssv2", **write_ssv2_subset(out / "clips", **config["ssv2"])}
+        skipped = clips.pop("skipped")
+    if dataset != "coco":
+        images = {"source": "shapes", **generate_shapes(out / "images", **config["shapes"])}
+    if dataset != "ssv2":
+        clips = {"source": "moving_shapes",
+                 **generate_moving_shapes(out / "clips", **config["moving_shapes"])}
+    return {"dataset": config["dataset"], "images": images, "clips": clips, "skipped": skipped}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("data"), help="output directory")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/data.json"))
     args = parser.parse_args(argv)
     try:
-        shapes_settings, moving_settings = validate(load_params(PARAMS))
+        config = validate(load_params(PARAMS))
     except ParamsError as e:
         raise SystemExit(f"error: {e}") from None
 
     started = time.perf_counter()
-    summary = {
-        "shapes": generate_shapes(args.out / "shapes", **shapes_settings),
-        "moving_shapes": generate_moving_shapes(args.out / "moving_shapes", **moving_settings),
-    }
-    for name in summary:
-        summary[name]["size_mb"] = round(_size_mb(args.out / name), 2)
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(summary, indent=2))
+    try:
+        metrics = write_datasets(config, args.out)
+    except (SourceError, BadSampleError) as e:
+        raise SystemExit(f"error: {e}") from None
+    write_json(args.metrics, metrics)
+    sizes = {name: round(_size_mb(args.out / name), 2) for name in ("images", "clips")}
+    print(json.dumps({**metrics, "size_mb": sizes,
+                      "seconds": round(time.perf_counter() - started, 1)}, indent=2))
+    if metrics["skipped"]["count"]:
+        print(f"warning: skipped {metrics['skipped']['count']} bad sample(s) "
+              f"(data.on_bad_sample: skip); see {args.metrics}")
 
 
 if __name__ == "__main__":

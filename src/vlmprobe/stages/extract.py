@@ -41,6 +41,7 @@ def validate(params: dict) -> dict:
         "batch_size": require_int(params, "extract.batch_size", 1, 4096),
         "shard_size": require_int(params, "extract.shard_size", 1, 100_000),
         "device": require_choice(params, "extract.device", DEVICES),
+        "loader_workers": require_int(params, "extract.loader_workers", 0, 64),
     }
 
 
@@ -109,8 +110,8 @@ def publish(work: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
-    parser.add_argument("--clips", type=Path, default=Path("data/moving_shapes"))
+    parser.add_argument("--data", type=Path, default=Path("data/images"))
+    parser.add_argument("--clips", type=Path, default=Path("data/clips"))
     parser.add_argument("--out", type=Path, default=Path("data/features"))
     parser.add_argument("--clip-out", type=Path, default=Path("data/clip_features"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/extract.json"))
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     entry = config["entry"]
-    image_ids, images = load_all_images(args.data)
+    image_ids, images = load_all_images(args.data, config["loader_workers"])
     clip_ids, clip_frames, clips, n_frames = load_clip_frames(args.clips)
     try:
         model = adapter.load(Path.cwd(), device)

@@ -45,7 +45,7 @@ CONTROLS = ("oracle", "oracle_shuffled", "shuffled", "pixels")
 TRAINED = ("dense", "detr", "reconstruction")
 LPIPS_NETS = ("alex", "vgg")
 CLIP_FEATURES = Path("data/clip_features")
-CLIPS = Path("data/moving_shapes")
+CLIPS = Path("data/clips")
 LPIPS_ASSETS = Path("data/assets/lpips")
 
 
@@ -190,7 +190,7 @@ def points_csv(points: dict, controls: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--data", type=Path, default=Path("data/images"))
     parser.add_argument("--features", type=Path, default=Path("data/features"))
     parser.add_argument("--clips", type=Path, default=CLIPS)
     parser.add_argument("--clip-features", type=Path, default=CLIP_FEATURES)
@@ -285,10 +285,14 @@ def main(argv: list[str] | None = None) -> None:
                            args.plots / "reconstructions.png")
     print("probe: timings (s) " + json.dumps({k: round(v, 1) for k, v in suite.timings.items()}),
           flush=True)
-    invalid = [p for p, v in metrics["validity"].items() if not v["valid"]]
+    invalid = [p for p, v in metrics["validity"].items() if v["valid"] is False]
     if invalid:
         print(f"warning: controls missed their bands for {', '.join(invalid)}; those probes' "
               "results are not valid for this run", flush=True)
+    unknown = [p for p, v in metrics["validity"].items() if v["valid"] is None]
+    if unknown:
+        print(f"note: validity unknown for {', '.join(unknown)} (a control was not run)",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def validity(controls: dict, pixels_min: float, min_gap: float) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--data", type=Path, default=Path("data/images"))
     parser.add_argument("--features", type=Path, default=Path("data/features"))
     parser.add_argument("--assets", type=Path, default=Path("data/assets/lpips"))
     parser.add_argument("--align-metrics", type=Path, default=ALIGN_METRICS)

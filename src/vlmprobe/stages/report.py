@@ -30,6 +30,7 @@ def validate(params: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--metrics", type=Path, default=Path("metrics/probe.json"))
+    parser.add_argument("--data-metrics", type=Path, default=Path("metrics/data.json"))
     parser.add_argument("--results", type=Path, default=Path("results/p4"))
     parser.add_argument("--figure", type=Path, default=Path("plots/report/metrics_by_point.png"))
     args = parser.parse_args(argv)
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     links = {label: os.path.relpath(path, args.results) for label, path in figures.items()}
     write_text(args.results / f"{vlm}-spatial.yaml", yaml.safe_dump(summary, sort_keys=False))
-    write_text(args.results / f"{vlm}-spatial.md", spatial_markdown(summary, metrics, links))
+    data = read_json(args.data_metrics) if args.data_metrics.exists() else None
+    write_text(args.results / f"{vlm}-spatial.md",
+               spatial_markdown(summary, metrics, links, data))
 
 
 if __name__ == "__main__":
