@@ -16,7 +16,7 @@ from vlmprobe.probes.grounding import unique_objects
 from vlmprobe.stages import ground
 
 GROUND = {"seed": 0, "images": 2, "grounding_max_new_tokens": 4, "vqa_max_new_tokens": 2,
-          "batch_size": 4, "bootstrap": 50, "device": "cpu"}
+          "batch_size": 4, "threads": 1, "bootstrap": 50, "device": "cpu"}
 
 
 @pytest.fixture

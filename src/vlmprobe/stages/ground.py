@@ -48,6 +48,7 @@ def validate(params: dict) -> dict:
                                                 4096),
         "vqa_max_new_tokens": require_int(params, "ground.vqa_max_new_tokens", 1, 4096),
         "batch_size": require_int(params, "ground.batch_size", 1, 4096),
+        "threads": require_int(params, "ground.threads", 1, 1024),
         "bootstrap": require_int(params, "ground.bootstrap", 10, 1_000_000),
         "device": require_choice(params, "ground.device", DEVICES),
     }
@@ -126,9 +127,22 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.metrics, {"not_applicable": skipped, "meta": meta})
         return
 
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config["threads"])
+    try:
+        result, measured = ground_model(adapter, args.data, config, skipped)
+    finally:
+        torch.set_num_threads(previous_threads)
+    write_json(args.metrics, rounded({**result, "not_applicable": skipped,
+                                      "meta": {**meta, **measured}}))
+
+
+def ground_model(adapter: ModelAdapter, data: Path, config: dict, skipped: dict[str, str]
+                 ) -> tuple[dict, dict]:
+    """The tests that apply, on the first `images` test images; and what the meta records."""
     try:
         device = resolve_device(config["device"], "ground.device")
-        split = first_images(load_split(args.data, "test"), config["images"])
+        split = first_images(load_split(data, "test"), config["images"])
         torch.manual_seed(config["seed"])
         model = adapter.load(Path.cwd(), device)
         provenance = adapter.weights_provenance(Path.cwd())
@@ -139,10 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     if "grounding" not in skipped:
         result.update(run_grounding(adapter, model, split, config, device))
     result.update(run_vqa(adapter, model, split, config, device))
-    meta.update(weights=provenance, device=str(device), n_images=len(split.images),
-                seconds=round(time.perf_counter() - started, 1))
-    write_json(args.metrics, rounded({**result, "not_applicable": skipped, "meta": meta}))
-
+    return result, {"weights": provenance, "device": str(device), "n_images": len(split.images),
+                    "threads": config["threads"],
+                    "seconds": round(time.perf_counter() - started, 1)}
 
 if __name__ == "__main__":
     sys.exit(main())
