@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from vlmprobe.data.dataset import load_split
 from vlmprobe.data.shapes import generate_shapes
+from vlmprobe.models.base import resolve_device
 from vlmprobe.params import ParamsError
 from vlmprobe.probes.grounding import unique_objects
 from vlmprobe.stages import ground
@@ -106,3 +108,9 @@ def test_bad_params_are_refused_before_any_model_loads(key, value, message):
     with pytest.raises(ParamsError, match=message):
         ground.validate({"vlm": "qwen2_5_vl_tiny", "ground": {**GROUND, key: value}})
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_with_the_fix():
+    with pytest.raises(ParamsError, match="ground.device=cpu"):
+        resolve_device("cuda", "ground.device")

@@ -14,6 +14,7 @@ from torch import nn
 
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.models.registry import RegistryEntry
+from vlmprobe.params import ParamsError
 
 
 class WeightsUnavailable(RuntimeError):
@@ -38,10 +39,8 @@ def resolve_device(name: str, key: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise WeightsUnavailable(
-            f"params.yaml: {key} = 'cuda' but no CUDA device is visible. "
-            f"Fix: `dvc exp run -S {key}=cpu` (or auto)."
-        )
+        raise ParamsError(f"params.yaml: {key} = 'cuda' but no CUDA device is visible. "
+                          f"Fix: `dvc exp run -S {key}=cpu` (or auto).")
     return torch.device(name)
 
 

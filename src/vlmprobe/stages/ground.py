@@ -1,11 +1,11 @@
 """Stage `ground`: the grounding test (E-P4.3) and the semantic check (H-P4) -> metrics/ground.json.
 
 On the first `ground.images` test images, a model that generates text is asked to find each
-object its colour and shape name uniquely (its family's grounding request; the box is parsed from
-the family's format, a malformed answer counting as a miss) and answers count, colour and
-left-of questions (exact match). A model that does not generate (a vision encoder, raw pixels)
-gets "not applicable" at once, without loading anything; so does grounding for a family with no
-grounding output format. Capability comes from the family adapter, never from this stage.
+object that its colour and shape name uniquely (its family's grounding request; the box is
+parsed from the family's format, a malformed answer counting as a miss) and answers count,
+colour and left-of questions (exact match). A model that does not generate (a vision encoder,
+raw pixels) gets "not applicable" at once, without loading it; so does grounding for a family
+with no grounding output format. Capability comes from the family adapter, never from this stage.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def ground_model(adapter: ModelAdapter, data: Path, config: dict, skipped: dict[
         torch.manual_seed(config["seed"])
         model = adapter.load(Path.cwd(), device)
         provenance = adapter.weights_provenance(Path.cwd())
-    except (WeightsUnavailable, DatasetError) as e:
+    except (ParamsError, WeightsUnavailable, DatasetError) as e:
         raise SystemExit(f"error: {e}") from None
     started = time.perf_counter()
     result: dict = {}
