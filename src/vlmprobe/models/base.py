@@ -6,7 +6,7 @@ import hashlib
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -14,10 +14,15 @@ from torch import nn
 
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.models.registry import RegistryEntry
+from vlmprobe.params import ParamsError
 
 
 class WeightsUnavailable(RuntimeError):
     """The entry's weights cannot be found or may not be loaded; the message says the fix."""
+
+
+class NotGenerating(RuntimeError):
+    """The model does not generate text (a vision encoder, raw pixels)."""
 
 
 REVISION = re.compile(r"^[0-9a-f]{40}$")
@@ -27,6 +32,16 @@ CODE_SUFFIXES = (".py", ".json")
 def dtype_for(device: torch.device) -> torch.dtype:
     """bf16 on a GPU (what the checkpoints are published in); fp32 on CPU, where bf16 is slow."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_device(name: str, key: str) -> torch.device:
+    """The device `name` (cpu, cuda or auto) that the param `key` asks for, or a clear refusal."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError(f"params.yaml: {key} = 'cuda' but no CUDA device is visible. "
+                          f"Fix: `dvc exp run -S {key}=cpu` (or auto).")
+    return torch.device(name)
 
 
 def code_revision(directory: Path) -> str:
@@ -44,8 +59,17 @@ def code_revision(directory: Path) -> str:
 class ModelAdapter(ABC):
     """Loads one family's model, prepares its inputs and locates its extraction points.
 
-    The extractor only calls these methods; it knows nothing family-specific.
+    The extractor only calls these methods; it knows nothing family-specific. Families that
+    generate text also answer prompts (`generate`); the grounding stage reads `generates`,
+    `box_format` and `grounding_template` and knows nothing family-specific either.
     """
+
+    generates: ClassVar[bool] = False
+    # How the family writes a box when asked to ground an object (a key of
+    # vlmprobe.probes.grounding.BOX_FORMATS), and the request that asks for it ({object}: "red
+    # circle"). None: the family has no grounding output; it can still answer questions.
+    box_format: ClassVar[str | None] = None
+    grounding_template: ClassVar[str | None] = None
 
     def __init__(self, entry: RegistryEntry):
         self.entry = entry
@@ -81,6 +105,12 @@ class ModelAdapter(ABC):
     def weights_provenance(self, project_root: Path) -> dict[str, Any]:
         """What produced the weights, recorded beside every result."""
         return dict(self.entry.weights)
+
+    def generate(self, model: nn.Module, images: np.ndarray, prompts: list[str],
+                 max_new_tokens: int, device: torch.device) -> list[str]:
+        """The model's greedy answer to `prompts[i]` about `images[i]`, decoded, one batch."""
+        raise NotGenerating(f"model {self.entry.name!r} ({self.entry.family}) does not "
+                            "generate text")
 
 
 def resolve_pretrained(entry: RegistryEntry, project_root: Path) -> tuple[str, dict[str, Any]]:

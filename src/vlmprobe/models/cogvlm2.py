@@ -4,6 +4,9 @@ Point kinds: `vision` (EVA2-CLIP's output after its 2x2 stride-2 conv: the patch
 sees, before the GLU projection) and `llm` (decoder layers, at the vision-token positions: the
 visual-expert stream). The image is resized to the vision tower's square input; its tokens in
 the prompt are boi, the patches row-major, eoi; boi and eoi are not image regions.
+Generation goes through the remote code's own `build_conversation_input_ids` (its chat template
+and image transform); asked to ground an object it writes `[[x0,y0,x1,y1]]` in 0-1000
+coordinates.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from vlmprobe.extract.geometry import TokenGeometry
@@ -27,6 +31,9 @@ VISION_TOKEN_TYPE = 1
 class CogVLM2Adapter(VLMAdapter):
     remote_code = True
     point_kinds = ("vision", "llm")
+    box_format = "0-1000"
+    grounding_template = ("Find the location of the {object}. Answer with its bounding box as "
+                          "[[x0,y0,x1,y1]].")
 
     def model_class(self) -> type:
         from transformers import AutoModelForCausalLM
@@ -80,6 +87,21 @@ class CogVLM2Adapter(VLMAdapter):
             "images": [[p] for p in pixels],
         }
 
+    def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
+               max_new_tokens: int, device: torch.device) -> list[str]:
+        samples = [
+            model.build_conversation_input_ids(self.tokenizer, query=prompt, history=[],
+                                               images=[Image.fromarray(image)],
+                                               template_version="chat")
+            for image, prompt in zip(images, prompts, strict=True)
+        ]
+        batch = left_padded(samples, self.tokenizer.pad_token_id or 0, device)
+        batch["images"] = [[s["images"][0].to(device, model.dtype)] for s in samples]
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
+                                           skip_special_tokens=True)
+
     def image_token_index(self, inputs: dict[str, Any]) -> torch.Tensor:
         vision = token_positions(inputs["token_type_ids"] == VISION_TOKEN_TYPE)
         return vision[:, 1:-1]  # boi, eoi
@@ -94,3 +116,16 @@ class CogVLM2Adapter(VLMAdapter):
 
     def geometry(self, point: str, image_size: tuple[int, int]) -> TokenGeometry:
         return TokenGeometry.single_grid(image_size, self.grid_side, self.grid_side)
+
+
+def left_padded(samples: list[dict[str, torch.Tensor]], pad_id: int, device: torch.device
+                ) -> dict[str, torch.Tensor]:
+    """One batch of conversations, left-padded so every answer starts at the same column;
+    padding is language-type and masked out."""
+    width = max(len(s["input_ids"]) for s in samples)
+    fills = {"input_ids": pad_id, "token_type_ids": 0, "attention_mask": 0}
+    return {
+        key: torch.stack([F.pad(s[key], (width - len(s[key]), 0), value=fill)
+                          for s in samples]).to(device)
+        for key, fill in fills.items()
+    }

@@ -27,6 +27,8 @@ TEMPLATE = "<|im_start|>user\n<img>{image}</img>\n{prompt}<|im_end|>\n<|im_start
 class InternVL2Adapter(VLMAdapter):
     remote_code = True
     point_kinds = ("vision", "projector", "llm")
+    box_format = "0-1000"
+    grounding_template = "Find the location of the <ref>{object}</ref>."
 
     def model_class(self) -> type:
         from transformers import AutoModel
@@ -80,7 +82,8 @@ class InternVL2Adapter(VLMAdapter):
         rows, cols = self.tiles(image_size)
         return rows * cols + (1 if self.use_thumbnail and rows * cols > 1 else 0)
 
-    def prepare(self, images: np.ndarray, device: torch.device) -> dict[str, Any]:
+    def tile_pixels(self, images: np.ndarray) -> tuple[torch.Tensor, int]:
+        """Every image's tiles (thumbnail last), image after image, and the tiles per image."""
         processed = self.image_processor(list(images), return_tensors="pt")
         n_tiles = self.n_tiles(tuple(images.shape[1:3]))
         if processed["pixel_values"].shape[0] != n_tiles * len(images):
@@ -88,16 +91,31 @@ class InternVL2Adapter(VLMAdapter):
                 f"the image processor made {processed['pixel_values'].shape[0]} tiles for "
                 f"{len(images)} images; vlmprobe's tiling expects {n_tiles} per image"
             )
+        return processed["pixel_values"], n_tiles
+
+    def prepare(self, images: np.ndarray, device: torch.device) -> dict[str, Any]:
+        pixel_values, n_tiles = self.tile_pixels(images)
         image = "<IMG_CONTEXT>" * (self.tokens_per_tile * n_tiles)
         text = TEMPLATE.format(image=image, prompt=self.prompt)
         tokens = self.tokenizer([text] * len(images), return_tensors="pt", padding=True)
         return {
-            "pixel_values": processed["pixel_values"].to(device),
+            "pixel_values": pixel_values.to(device),
             "input_ids": tokens["input_ids"].to(device),
             "attention_mask": tokens["attention_mask"].to(device),
-            "image_flags": torch.ones(len(processed["pixel_values"]), dtype=torch.long,
-                                      device=device),
+            "image_flags": torch.ones(len(pixel_values), dtype=torch.long, device=device),
         }
+
+    def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
+               max_new_tokens: int, device: torch.device) -> list[str]:
+        # The remote code's own `batch_chat` applies the checkpoint's chat template and expands
+        # `<image>` into <img>, the IMG_CONTEXT tokens of every tile, </img>.
+        pixel_values, n_tiles = self.tile_pixels(images)
+        return model.batch_chat(
+            self.tokenizer, pixel_values.to(device, model.dtype),
+            [f"<image>\n{p}" for p in prompts],
+            {"max_new_tokens": max_new_tokens, "do_sample": False},
+            num_patches_list=[n_tiles] * len(images),
+        )
 
     def image_token_index(self, inputs: dict[str, Any]) -> torch.Tensor:
         context_id = self.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")

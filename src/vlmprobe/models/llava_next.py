@@ -4,7 +4,7 @@ Point kinds: `vision` (the CLIP layer the model feeds its projector, `vision_fea
 `projector` (after the MLP projector) and `llm`. Every point stores two grids: the base image
 (one crop resized whole) and the high-resolution crops stitched and unpadded exactly as the
 model packs them. The LLM's `image_newline` tokens (one after each high-res row) are not image
-regions and are dropped.
+regions and are dropped. It answers questions but has no grounding output format.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ from torch import nn
 
 from vlmprobe.extract.geometry import Grid, TokenGeometry
 from vlmprobe.models.registry import RegistryError
-from vlmprobe.models.vlm import VLMAdapter, offline_tokenizer, prompt_words, token_positions
+from vlmprobe.models.vlm import (
+    VLMAdapter,
+    chat_text,
+    offline_tokenizer,
+    processor_generate,
+    prompt_words,
+    token_positions,
+)
 
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
@@ -81,6 +88,11 @@ class LlavaNextAdapter(VLMAdapter):
             text=[text] * len(images), images=list(images), return_tensors="pt", padding=True
         )
         return {k: v.to(device) for k, v in inputs.items()}
+
+    def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
+               max_new_tokens: int, device: torch.device) -> list[str]:
+        texts = [chat_text(self.processor, p, TEMPLATE) for p in prompts]
+        return processor_generate(model, self.processor, texts, images, max_new_tokens, device)
 
     def point_module(self, model: nn.Module, point: str) -> nn.Module:
         kind = self.entry.points[point]["kind"]

@@ -3,6 +3,7 @@
 Point kinds: `vision` (a vision block's output at patch resolution, `layer` 1-based or -1),
 `merger` (after the 2x2 patch merger, the LLM's token grid) and `llm`. The vision tower runs
 blocks on window-permuted merge units; both vision kinds are restored to row-major order.
+Asked to ground an object it writes JSON with `bbox_2d` in absolute pixels of its input.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import torch
 from torch import nn
 
 from vlmprobe.extract.geometry import TokenGeometry
-from vlmprobe.models.vlm import VLMAdapter, offline_tokenizer, prompt_words, token_positions
+from vlmprobe.models.vlm import (
+    VLMAdapter,
+    chat_text,
+    offline_tokenizer,
+    processor_generate,
+    prompt_words,
+    token_positions,
+)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -24,6 +32,9 @@ TEMPLATE = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{promp
 
 class Qwen25VLAdapter(VLMAdapter):
     point_kinds = ("vision", "merger", "llm")
+    box_format = "pixels-json"
+    grounding_template = ("Find the location of the {object}. Output its bbox coordinates in "
+                          "JSON format.")
 
     def model_class(self) -> type:
         from transformers import Qwen2_5_VLForConditionalGeneration
@@ -70,6 +81,11 @@ class Qwen25VLAdapter(VLMAdapter):
             text=[text] * len(images), images=list(images), return_tensors="pt", padding=True
         )
         return {k: v.to(device) for k, v in inputs.items()}
+
+    def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
+               max_new_tokens: int, device: torch.device) -> list[str]:
+        texts = [chat_text(self.processor, p, TEMPLATE) for p in prompts]
+        return processor_generate(model, self.processor, texts, images, max_new_tokens, device)
 
     def image_token_index(self, inputs: dict[str, Any]) -> torch.Tensor:
         return token_positions(inputs["input_ids"] == self.image_token_id)

@@ -10,6 +10,9 @@ Points are `{kind: ..., layer: ...}` locators. Every family has `llm` points: th
 decoder layer `layer` (1-based, as `hidden_states[layer]`; -1 = the last layer, before the final
 norm), keeping only the image-token positions, in grid order. Other kinds are family-specific;
 a non-`llm` point with a `layer` indexes the vision encoder's layers the same way.
+
+Every VLM family generates: `generate` answers one prompt per image, greedily, in the family's
+own chat format (a pretrained processor's chat template where it has one).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from abc import abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -88,9 +92,32 @@ def token_positions(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero()[:, 1].reshape(mask.shape[0], -1)
 
 
+def chat_text(processor: Any, prompt: str, template: str) -> str:
+    """The model's prompt for one image and `prompt`: the processor's own chat template where
+    the checkpoint ships one, else the family's `template` (offline tokenizers have none)."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user",
+                     "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return template.format(prompt=prompt)
+
+
+def processor_generate(model: nn.Module, processor: Any, texts: list[str], images: np.ndarray,
+                       max_new_tokens: int, device: torch.device) -> list[str]:
+    """Greedy `model.generate` on a processor's batch; decoder-only, so prompts pad on the left
+    and every answer starts at the same column."""
+    inputs = processor(text=texts, images=list(images), return_tensors="pt", padding=True,
+                       padding_side="left").to(device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=processor.tokenizer.pad_token_id)
+    return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:],
+                                  skip_special_tokens=True)
+
+
 class VLMAdapter(ModelAdapter):
     """Loading, point validation and `llm` points; families fill in the rest."""
 
+    generates = True
     remote_code: ClassVar[bool] = False
     point_kinds: ClassVar[tuple[str, ...]] = ("llm",)
 
@@ -116,7 +143,20 @@ class VLMAdapter(ModelAdapter):
         """Build the processor/tokenizer: from the checkpoint (`pretrained` = location and
         from_pretrained kwargs), or offline for random weights (`pretrained` None)."""
 
+    @abstractmethod
+    def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
+               max_new_tokens: int, device: torch.device) -> list[str]:
+        """`generate` for one batch, under inference mode."""
+
     # -- shared ----------------------------------------------------------------------------
+    def generate(self, model: nn.Module, images: np.ndarray, prompts: list[str],
+                 max_new_tokens: int, device: torch.device) -> list[str]:
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images: one per image")
+        with torch.inference_mode():
+            answers = self.answer(model, images, prompts, max_new_tokens, device)
+        return [a.strip() for a in answers]
+
     @property
     def prompt(self) -> str:
         return str(self.entry.options.get("prompt", DEFAULT_PROMPT))

@@ -1,26 +1,32 @@
 """Grounding test (E-P4.3) and semantic check (H-P4), as pure functions: questions and prompts
-from the synthetic ground truth, parsers for each family's output, and the scores.
+from the synthetic ground truth, parsers for the box formats the families write, and the scores
+with seeded bootstrap intervals over images.
 
-The generating models' adapters call these; malformed output is a miss, never a crash.
+The `ground` stage asks the model (each family adapter names its `box_format` and its
+`grounding_template`); malformed output is a miss, never a crash.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from vlmprobe.data.dataset import Split
 from vlmprobe.data.shapes import PALETTE
-from vlmprobe.metrics.boxes import box_iou_matrix
+from vlmprobe.metrics.boxes import bootstrap_ci, box_iou_matrix
 
 # Names of the shapes dataset's palette colours, in PALETTE order.
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple")
 assert len(COLOUR_NAMES) == len(PALETTE), "name every palette colour"
-# Box coordinate conventions of each family's grounding output.
-FAMILY_FORMATS = {"cogvlm2": "0-1000", "internvl2": "0-1000", "qwen2_5_vl": "pixels-json"}
+# The box formats of the families' grounding output (an adapter's `box_format`).
+BOX_FORMATS = {
+    "0-1000": "[[x0,y0,x1,y1]] in thousandths of the image's width and height (CogVLM2, "
+              "InternVL2 inside <box>...</box>)",
+    "pixels-json": 'JSON with "bbox_2d": [x0, y0, x1, y1] in pixels, often fenced (Qwen2.5-VL)',
+}
 NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _NUMBER = r"-?\d+(?:\.\d+)?"
@@ -69,20 +75,18 @@ def unique_objects(split: Split) -> list[ObjectRef]:
     return refs
 
 
-def grounding_prompt(ref: ObjectRef) -> str:
-    return f"Find the location of the {ref.colour} {ref.shape}."
+def grounding_prompt(ref: ObjectRef, template: str) -> str:
+    """The family's grounding request (`{object}` in `template`) for the plan's object."""
+    return template.format(object=f"{ref.colour} {ref.shape}")
 
 
-def parse_box(text: str, family: str, image_size: tuple[int, int]) -> np.ndarray | None:
-    """The first box in a model's answer as xyxy pixels, or None if there is none usable.
-
-    CogVLM2 and InternVL2 write `[[x0,y0,x1,y1]]` in 0-1000 coordinates (InternVL inside
-    `<box>...</box>`); Qwen2.5-VL writes JSON with `bbox_2d` in absolute pixels, often fenced.
-    """
-    if family not in FAMILY_FORMATS:
-        raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILY_FORMATS)}")
+def parse_box(text: str, box_format: str, image_size: tuple[int, int]) -> np.ndarray | None:
+    """The first box in a model's answer as xyxy pixels, or None if there is none usable."""
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"unknown box format {box_format!r}; expected one of "
+                         f"{', '.join(BOX_FORMATS)}")
     h, w = image_size
-    if FAMILY_FORMATS[family] == "0-1000":
+    if box_format == "0-1000":
         match = _BRACKETED_BOX.search(text)
         if match is None:
             return None
@@ -114,26 +118,41 @@ def _json_bbox(text: str) -> np.ndarray | None:
     return None
 
 
-def grounding_scores(predicted: list[np.ndarray | None], truth: list[np.ndarray]) -> dict:
-    """`grounding_iou`: mean IoU with the named object, a missing box counting 0;
-    `parse_failure_rate`: the fraction of answers with no usable box."""
+def grouped_ratio(values: list[float], images: list[int], n_boot: int, seed: int,
+                  name: str) -> dict:
+    """`name`: the mean of `values`; `name_ci95`: its bootstrap interval resampling images (the
+    questions about one image are not independent)."""
+    values_arr = np.asarray(values, dtype=float)
+    _, group = np.unique(np.asarray(images), return_inverse=True)
+    sums = np.bincount(group, weights=values_arr) if len(values_arr) else np.zeros(0)
+    counts = np.bincount(group).astype(float) if len(values_arr) else np.zeros(0)
+    mean = float(values_arr.mean()) if len(values_arr) else 0.0
+    return {name: mean, f"{name}_ci95": list(bootstrap_ci(sums, counts, n_boot, seed))}
+
+
+def grounding_scores(predicted: list[np.ndarray | None], truth: list[np.ndarray],
+                     images: list[int], n_boot: int = 1000, seed: int = 0) -> dict:
+    """`grounding_iou`: mean IoU with the named object, a missing box counting 0, with its
+    interval; `grounding_parse_failure_rate`: the fraction of answers with no usable box."""
     ious = [0.0 if p is None else float(box_iou_matrix(p, t)[0, 0])
             for p, t in zip(predicted, truth, strict=True)]
     failures = sum(p is None for p in predicted)
-    n = max(len(truth), 1)
-    return {"grounding_iou": float(np.sum(ious) / n), "parse_failure_rate": failures / n}
+    return {**grouped_ratio(ious, images, n_boot, seed, "grounding_iou"),
+            "grounding_parse_failure_rate": failures / max(len(truth), 1),
+            "grounding_questions": len(truth)}
 
 
 def vqa_questions(split: Split) -> list[Question]:
     """Count, colour and left-of questions with exact answers from the ground truth."""
     shape_of = {c["id"]: c["name"] for c in split.categories}
     refs = unique_objects(split)
+    colours_of = object_colours(split)
     questions = []
     for i, labels in enumerate(split.labels):
         questions.append(Question(i, "count", "How many shapes are in the image? Answer with a "
                                   "number.", str(len(labels))))
         shapes = [shape_of[int(label)] for label in labels]
-        colours = object_colours(split)[i] if len(labels) else []
+        colours = colours_of[i]
         for k, shape in enumerate(shapes):
             if shapes.count(shape) == 1:
                 questions.append(Question(i, "colour", f"What colour is the {shape}? Answer with "
@@ -158,11 +177,23 @@ def normalise_answer(text: str) -> str:
     return NUMBER_WORDS.get(words[0], words[0])
 
 
-def vqa_accuracy(answers: list[str], questions: list[Question]) -> dict:
-    """Exact-match accuracy after `normalise_answer`, overall (`vqa_acc`) and per kind."""
-    correct = [normalise_answer(a) == q.answer for a, q in zip(answers, questions, strict=True)]
-    result = {"vqa_acc": float(np.mean(correct)) if correct else 0.0}
+def vqa_accuracy(answers: list[str], questions: list[Question], n_boot: int = 1000,
+                 seed: int = 0) -> dict:
+    """Exact-match accuracy after `normalise_answer`, overall (`vqa_acc`) and per kind
+    (`vqa_acc_<kind>`), each with its interval over images and its number of questions."""
+    correct = [float(normalise_answer(a) == q.answer)
+               for a, q in zip(answers, questions, strict=True)]
+    result = {**grouped_ratio(correct, [q.image for q in questions], n_boot, seed, "vqa_acc"),
+              "vqa_questions": len(questions)}
     for kind in sorted({q.kind for q in questions}):
-        hits = [c for c, q in zip(correct, questions, strict=True) if q.kind == kind]
-        result[f"vqa_acc_{kind}"] = float(np.mean(hits))
+        mine = [(c, q.image) for c, q in zip(correct, questions, strict=True) if q.kind == kind]
+        hits, images = zip(*mine, strict=True)
+        result.update(grouped_ratio(list(hits), list(images), n_boot, seed, f"vqa_acc_{kind}"))
+        result[f"vqa_questions_{kind}"] = len(mine)
     return result
+
+
+def first_images(split: Split, n: int) -> Split:
+    """The split cut to its first `n` images."""
+    return replace(split, image_ids=split.image_ids[:n], images=split.images[:n],
+                   boxes=split.boxes[:n], labels=split.labels[:n], masks=split.masks[:n])

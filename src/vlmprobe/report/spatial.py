@@ -35,6 +35,47 @@ PROBE_CAPACITY = {
 }
 
 
+# metrics/ground.json (the `ground` stage) -> label, in report order.
+GROUND_METRICS = {
+    "grounding_iou": "grounding IoU (a miss scores 0)",
+    "grounding_parse_failure_rate": "grounding answers with no usable box",
+    "vqa_acc": "VQA exact-match accuracy",
+    "vqa_acc_count": "VQA: count",
+    "vqa_acc_colour": "VQA: colour",
+    "vqa_acc_left_of": "VQA: left of",
+}
+
+
+def ground_summary(ground: dict[str, Any] | None) -> dict[str, Any]:
+    """The grounding test (E-P4.3) and VQA check (H-P4) from metrics/ground.json."""
+    if ground is None:
+        return {"not_run": "metrics/ground.json absent (the ground stage has not run)"}
+    return {
+        "metrics": {k: {"value": ground[k], "ci95": ground.get(f"{k}_ci95")}
+                    for k in GROUND_METRICS if k in ground},
+        "questions": {k: v for k, v in ground.items() if "_questions" in k},
+        "not_applicable": ground.get("not_applicable", {}),
+    }
+
+
+def ground_markdown(summary: dict[str, Any]) -> list[str]:
+    lines = ["## Grounding and VQA (E-P4.3, H-P4)", ""]
+    if "not_run" in summary:
+        return [*lines, summary["not_run"] + ".", ""]
+    for key, m in summary["metrics"].items():
+        ci = f" [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]" if m.get("ci95") else ""
+        lines.append(f"- {GROUND_METRICS[key]}: {m['value']:.3f}{ci}")
+    lines += [f"- {test}: {why}" for test, why in summary["not_applicable"].items()]
+    counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["questions"].items())
+    if counts:
+        lines.append(f"- asked: {counts}")
+    if "vqa_acc" in summary["metrics"]:
+        lines += ["", "H-P4 asks for more than 95% of Qwen2.5-VL's VQA accuracy: compare "
+                  "`vqa_acc` with a `qwen2_5_vl` run on the same questions (same `ground` "
+                  "params)."]
+    return [*lines, ""]
+
+
 def plan() -> dict[str, Any]:
     return yaml.safe_load(PLAN_FILE.read_text())
 
@@ -86,8 +127,10 @@ def go_no_go(metrics: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
     return {"verdict": verdict, "checks": checks}
 
 
-def spatial_summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The deliverable `results/p4/<vlm>-spatial.yaml` from `metrics/probe.json`."""
+def spatial_summary(metrics: dict[str, Any], ground: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """The deliverable `results/p4/<vlm>-spatial.yaml` from `metrics/probe.json` and
+    `metrics/ground.json` (None: not run)."""
     p = plan()
     points, controls = metrics["points"], metrics["controls"]
     baseline = p["baselines"]["qwen2_5_vl"]
@@ -113,6 +156,7 @@ def spatial_summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "points": {name: cells(m) for name, m in points.items()},
         "controls": {name: cells(m) for name, m in controls.items()},
         "go_no_go": go_no_go(metrics, p),
+        "grounding_and_vqa": ground_summary(ground),
         "plan_figures": {
             "model": baseline["display_name"],
             "metrics": baseline["metrics"],
@@ -220,6 +264,7 @@ def spatial_markdown(summary: dict[str, Any], metrics: dict[str, Any], figures: 
     base = summary["plan_figures"]
     lines += [
         "",
+        *ground_markdown(summary["grounding_and_vqa"]),
         f"## Plan figures for {base['model']} (not measured here)",
         "",
         f"Source: {base['source']}. They came from the plan's own probes, which this instrument "

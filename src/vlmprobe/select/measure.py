@@ -6,6 +6,8 @@ Where each quantity comes from (first source that has it; per-point metrics at t
 - bbox_iou: `metrics/probe.json` bbox probe; map50: the DETR-style (`map50`) or dense
   (`dense_map50`) detection probe, whichever is better; direction_acc: the temporal probe.
 - cka (the align stage's `cka_linear`), spearman, r2, recall_at_10: `metrics/align.json`.
+- vqa_acc: `metrics/ground.json` (the semantic check, recorded; H-P4's "> 95% of Qwen2.5-VL's
+  VQA" needs a Qwen2.5-VL run beside it and is not judged here).
 - speed_ratio: seconds per image in `metrics/extract.json` over the Qwen2.5-VL baseline run's,
   only when the baseline ran on the same device (and host, where both record one).
 - integration_complexity: declared in the model's registry entry.
@@ -30,6 +32,7 @@ METRICS_FILES = {
     "align": "metrics/align.json",
     "reconstruct": "metrics/reconstruct.json",
     "extract": "metrics/extract.json",
+    "ground": "metrics/ground.json",
 }
 # quantity -> (metrics file, metric keys), tried in order; and whether higher is better.
 SOURCES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
@@ -43,6 +46,7 @@ SOURCES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "spearman": (("align", ("spearman",)),),
     "r2": (("align", ("r2",)),),
     "recall_at_10": (("align", ("recall_at_10",)),),
+    "vqa_acc": (("ground", ("vqa_acc",)),),
 }
 LOWER_IS_BETTER = {"lpips"}
 MACHINE_KEYS = ("host", "device_name")  # identify a machine beyond the device type, if recorded

@@ -1,4 +1,5 @@
-"""Stage `report`: the plan's spatial deliverable, a markdown report and the figure."""
+"""Stage `report`: the plan's spatial deliverable, a markdown report and the figure, with the
+grounding and VQA results of the `ground` stage."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--metrics", type=Path, default=Path("metrics/probe.json"))
     parser.add_argument("--data-metrics", type=Path, default=Path("metrics/data.json"))
+    parser.add_argument("--ground", type=Path, default=Path("metrics/ground.json"))
     parser.add_argument("--results", type=Path, default=Path("results/p4"))
     parser.add_argument("--figure", type=Path, default=Path("plots/report/metrics_by_point.png"))
     args = parser.parse_args(argv)
@@ -44,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
             f"error: {args.metrics} is for {metrics['meta']['vlm']!r}, params say {vlm!r}. "
             "Fix: `dvc repro` (it re-runs extract and probe first)."
         )
-    summary = spatial_summary(metrics)
+    ground = read_json(args.ground) if args.ground.exists() else None
+    if ground is not None and ground["meta"]["vlm"] != vlm:
+        raise SystemExit(f"error: {args.ground} is for {ground['meta']['vlm']!r}, params say "
+                         f"{vlm!r}. Fix: `dvc repro` (it re-runs the ground stage first).")
+    summary = spatial_summary(metrics, ground)
     panels = {k: label for k, (label, _) in COLUMNS.items() if k != "map"}
     metrics_by_point(metrics, panels, f"{summary['model']}: spatial probes by point", args.figure)
     figures = {

@@ -6,8 +6,15 @@ stride-2 `conv`, a GLU `linear_proj`, `boi`/`eoi`), `model.layers[k]` with visio
 experts (`self_attn.{vision,language}_expert_query_key_value`, `mlp.{vision,language}_mlp`),
 returning a tuple. Vision tokens are where `token_type_ids == 1`: boi, the patches row-major,
 eoi; the patches between boi and eoi share one position id.
+
+Generation has the published API's shape: `build_conversation_input_ids(tokenizer, query=...,
+history=[], images=[image], template_version="chat")` makes one sample's inputs (the image
+resized and normalised as EVA2-CLIP expects, vision slots held by pad ids); `generate` returns
+the prompt followed by the new tokens. Decoding is greedy and recomputes the whole sequence each
+step (no KV cache): enough for tiny test models.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +25,9 @@ from .configuration_cogvlm import CogVLMConfig
 
 LANGUAGE_TOKEN_TYPE = 0
 VISION_TOKEN_TYPE = 1
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEMPLATES = {"base": "{}", "chat": "USER: {} ASSISTANT:", "vqa": "{} Short answer:"}
 
 
 class RMSNorm(nn.Module):
@@ -226,18 +236,28 @@ class CogVLMModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.vision = EVA2CLIPModel(config)
 
-    def forward(self, input_ids, images, token_type_ids, attention_mask, output_hidden_states):
+    def embed(self, input_ids, images, token_type_ids):
+        """Token embeddings with the vision slots holding the image's features."""
         x = self.embed_tokens(input_ids)
-        vision_mask = token_type_ids == VISION_TOKEN_TYPE
         if images is not None:
             pixels = torch.stack([per_sample[0] for per_sample in images])
             features = self.vision(pixels).to(x.dtype)
+            vision_mask = token_type_ids == VISION_TOKEN_TYPE
             x = x.masked_scatter(vision_mask[..., None], features.reshape(-1, x.shape[-1]))
+        return x
+
+    def forward(self, input_ids, images, token_type_ids, attention_mask, output_hidden_states,
+                inputs_embeds=None):
+        x = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, images,
+                                                                       token_type_ids)
+        vision_mask = token_type_ids == VISION_TOKEN_TYPE
         positions = build_position_ids(token_type_ids)
         keep = attention_mask.bool()
         s = x.shape[1]
         causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        mask = (causal[None] & keep[:, None, :])[:, None]
+        # Every token sees itself: a left-pad row that saw nothing would turn to NaN.
+        itself = torch.eye(s, dtype=torch.bool, device=x.device)
+        mask = (causal[None] & (keep[:, None, :] | itself))[:, None]
         hidden_states = [x]
         for layer in self.layers:
             x = layer(x, vision_mask, positions, mask)[0]
@@ -265,3 +285,62 @@ class CogVLMForCausalLM(PreTrainedModel):
         x, hidden_states = self.model(input_ids, images, token_type_ids, attention_mask,
                                       output_hidden_states)
         return CausalLMOutputWithPast(logits=self.lm_head(x), hidden_states=hidden_states)
+
+    def build_conversation_input_ids(self, tokenizer, *, query, history=None, images=None,
+                                     template_version=None):
+        """One sample's inputs: bos, the image's vision slots (if any), then the prompt."""
+        if history:
+            raise ValueError("this fixture answers single-turn queries only: pass history=[]")
+        text = TEMPLATES[template_version or "chat"].format(query)
+        ids = [tokenizer.bos_token_id]
+        types = [LANGUAGE_TOKEN_TYPE]
+        pixels = []
+        if images:
+            if len(images) != 1:
+                raise ValueError(f"one image per conversation; got {len(images)}")
+            pixels = [self.transform(images[0])]
+            v = self.config.vision_config
+            slots = (v["image_size"] // v["patch_size"] // 2) ** 2 + 2  # boi, patches, eoi
+            ids += [tokenizer.pad_token_id] * slots
+            types += [VISION_TOKEN_TYPE] * slots
+        words = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return {
+            "input_ids": torch.tensor(ids + words),
+            "token_type_ids": torch.tensor(types + [LANGUAGE_TOKEN_TYPE] * len(words)),
+            "attention_mask": torch.ones(len(ids) + len(words), dtype=torch.long),
+            "images": pixels,
+        }
+
+    def transform(self, image):
+        """An RGB image (PIL or HxWx3 uint8) -> (3, S, S), resized and normalised."""
+        x = torch.from_numpy(np.asarray(image.convert("RGB") if hasattr(image, "convert")
+                                        else image).copy()).permute(2, 0, 1).float() / 255.0
+        size = self.config.vision_config["image_size"]
+        x = F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True)[0]
+        return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+    @torch.no_grad()
+    def generate(self, input_ids, images=None, token_type_ids=None, attention_mask=None,
+                 max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=None,
+                 **kwargs):
+        if do_sample:
+            raise ValueError("this fixture decodes greedily only: pass do_sample=False")
+        eos = getattr(self.config, "eos_token_id", None) if eos_token_id is None else eos_token_id
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        ids = input_ids
+        x = self.model.embed(ids, images, types)  # the image is encoded once
+        done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            hidden, _ = self.model(ids, None, types, mask, False, inputs_embeds=x)
+            token = self.lm_head(hidden[:, -1]).argmax(-1)
+            if eos is not None:
+                token = torch.where(done, torch.full_like(token, eos), token)
+                done |= token == eos
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            x = torch.cat([x, self.model.embed_tokens(token)[:, None]], dim=1)
+            types = torch.cat([types, torch.full_like(types[:, :1], LANGUAGE_TOKEN_TYPE)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if bool(done.all()):
+                break
+        return ids

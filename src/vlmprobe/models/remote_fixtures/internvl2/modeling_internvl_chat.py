@@ -6,6 +6,12 @@ mlp.fc2, norm1, norm2, ls1, ls2}), `pixel_shuffle()`, `mlp1` (LayerNorm, Linear,
 and `language_model` (InternLM2: model.layers[k].{attention.wqkv, attention.wo,
 feed_forward.w1/w2/w3}). The prompt holds `img_context_token_id` once per image token; the
 caller sets that id on the model and passes `image_flags`.
+
+Generation has the published API's shape: `generate(pixel_values, input_ids, attention_mask,
+generation_config=None, **kwargs)` returns only the new tokens; `chat` and `batch_chat` take
+questions with an `<image>` placeholder, apply a chat format (InternLM2 style, no system
+message), and return the decoded answers. Decoding is greedy and recomputes the whole sequence
+each step (no KV cache): enough for tiny test models.
 """
 
 import torch
@@ -183,7 +189,9 @@ class InternLM2Model(nn.Module):
         keep = attention_mask.bool()
         positions = (keep.long().cumsum(1) - 1).clamp(min=0)
         causal = torch.ones(s, s, dtype=torch.bool, device=keep.device).tril()
-        mask = (causal[None] & keep[:, None, :])[:, None]
+        # Every token sees itself: a left-pad row that saw nothing would turn to NaN.
+        itself = torch.eye(s, dtype=torch.bool, device=keep.device)
+        mask = (causal[None] & (keep[:, None, :] | itself))[:, None]
         x, hidden_states = inputs_embeds, [inputs_embeds]
         for layer in self.layers:
             x = layer(x, positions, mask)[0]
@@ -237,8 +245,8 @@ class InternVLChatModel(PreTrainedModel):
         vit = self.pixel_shuffle(vit.reshape(vit.shape[0], side, side, -1), self.downsample_ratio)
         return self.mlp1(vit.reshape(vit.shape[0], -1, vit.shape[-1]))
 
-    def forward(self, pixel_values, input_ids, attention_mask=None, image_flags=None,
-                output_hidden_states=False, **kwargs):
+    def embed_with_images(self, pixel_values, input_ids, image_flags=None):
+        """Token embeddings with each image token's slot holding its projected vision feature."""
         if self.img_context_token_id is None:
             raise ValueError("set model.img_context_token_id to the <IMG_CONTEXT> token id")
         embeds = self.language_model.get_input_embeddings()(input_ids)
@@ -246,10 +254,70 @@ class InternVLChatModel(PreTrainedModel):
         if image_flags is not None:
             vit = vit[image_flags.view(-1) == 1]
         slots = input_ids == self.img_context_token_id
-        embeds = embeds.masked_scatter(slots[..., None], vit.reshape(-1, vit.shape[-1]).to(embeds))
+        return embeds.masked_scatter(slots[..., None], vit.reshape(-1, vit.shape[-1]).to(embeds))
+
+    def forward(self, pixel_values, input_ids, attention_mask=None, image_flags=None,
+                output_hidden_states=False, **kwargs):
+        embeds = self.embed_with_images(pixel_values, input_ids, image_flags)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x, hidden_states = self.language_model.model(embeds, attention_mask, output_hidden_states)
         return CausalLMOutputWithPast(
             logits=self.language_model.output(x), hidden_states=hidden_states
         )
+
+    @torch.no_grad()
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None,
+                 generation_config=None, **kwargs):
+        settings = {**(generation_config or {}), **kwargs}
+        if settings.get("do_sample"):
+            raise ValueError("this fixture decodes greedily only: pass do_sample=False")
+        eos = settings.get("eos_token_id")
+        embed = self.language_model.get_input_embeddings()
+        x = self.embed_with_images(pixel_values, input_ids)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        new = []
+        for _ in range(settings.get("max_new_tokens", 20)):
+            hidden, _ = self.language_model.model(x, mask)
+            token = self.language_model.output(hidden[:, -1]).argmax(-1)
+            if eos is not None:
+                token = torch.where(done, torch.full_like(token, eos), token)
+                done |= token == eos
+            new.append(token)
+            x = torch.cat([x, embed(token)[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if bool(done.all()):
+                break
+        return torch.stack(new, dim=1)
+
+    def chat(self, tokenizer, pixel_values, question, generation_config, num_patches_list=None,
+             **kwargs):
+        if num_patches_list is None:
+            num_patches_list = [len(pixel_values)]
+        return self.batch_chat(tokenizer, pixel_values, [question], generation_config,
+                               num_patches_list=num_patches_list, **kwargs)[0]
+
+    def batch_chat(self, tokenizer, pixel_values, questions, generation_config,
+                   num_patches_list=None, IMG_START_TOKEN="<img>", IMG_END_TOKEN="</img>",
+                   IMG_CONTEXT_TOKEN="<IMG_CONTEXT>", **kwargs):
+        """One answer per question; question i's `<image>` stands for num_patches_list[i] tiles
+        of `pixel_values`, taken in order."""
+        if num_patches_list is None:
+            num_patches_list = [len(pixel_values) // len(questions)] * len(questions)
+        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        queries = []
+        for question, n_tiles in zip(questions, num_patches_list, strict=True):
+            if "<image>" not in question:
+                question = "<image>\n" + question
+            image = IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (self.num_image_token * n_tiles)
+            question = question.replace("<image>", image + IMG_END_TOKEN, 1)
+            queries.append(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+        tokens = tokenizer(queries, return_tensors="pt", padding=True, padding_side="left")
+        device = pixel_values.device
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        output = self.generate(pixel_values, tokens["input_ids"].to(device),
+                               tokens["attention_mask"].to(device),
+                               {**generation_config, "eos_token_id": end})
+        answers = tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [a.split("<|im_end|>")[0].strip() for a in answers]
