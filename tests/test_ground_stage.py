@@ -24,7 +24,7 @@ GROUND = {"seed": 0, "images": 2, "grounding_max_new_tokens": 4, "vqa_max_new_to
 @pytest.fixture
 def workspace(tmp_path, monkeypatch) -> Path:
     """A project directory with a small shapes dataset and no model assets."""
-    generate_shapes(tmp_path / "data/shapes", seed=0, image_size=112, n_train=2, n_val=1,
+    generate_shapes(tmp_path / "data/images", seed=0, image_size=112, n_train=2, n_val=1,
                     n_test=3, min_objects=2, max_objects=3, min_size=16, max_size=36)
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -46,9 +46,21 @@ def test_a_model_that_does_not_generate_is_not_applicable(workspace):
     assert "grounding_iou" not in metrics and "vqa_acc" not in metrics
 
 
+def test_another_dataset_is_not_applicable(workspace):
+    # The questions name the synthetic shapes' colours and classes: COCO images have neither.
+    path = workspace / "data/images/instances_test.json"
+    coco = json.loads(path.read_text())
+    coco["categories"] = [{"id": 1, "name": "person", "supercategory": "person"}]
+    path.write_text(json.dumps(coco))
+    metrics = run_stage("cogvlm2_tiny")
+    assert set(metrics["not_applicable"]) == {"grounding", "vqa"}
+    assert "data.dataset: shapes" in metrics["not_applicable"]["vqa"]
+    assert "vqa_acc" not in metrics
+
+
 def test_tiny_model_grounds_and_answers_end_to_end(workspace):
     metrics = run_stage("cogvlm2_tiny")
-    split = load_split(workspace / "data/shapes", "test")
+    split = load_split(workspace / "data/images", "test")
     asked = [r for r in unique_objects(split) if r.image < GROUND["images"]]
     assert metrics["grounding_questions"] == len(asked) > 0
     # A random model writes no box: every answer is a counted parse failure, scored 0.
@@ -81,7 +93,7 @@ class FixedAnswers:
 
 
 def test_malformed_answers_are_misses_and_good_boxes_score(workspace):
-    split = load_split(workspace / "data/shapes", "test")
+    split = load_split(workspace / "data/images", "test")
     refs = unique_objects(split)
     first = refs[0]
     x0, y0, x1, y1 = split.boxes[first.image][first.obj] / 112 * 1000

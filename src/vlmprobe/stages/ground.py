@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlmprobe.data.dataset import DatasetError, Split, load_split
-from vlmprobe.io import rounded, write_json
+from vlmprobe.data.dataset import DatasetError, Split, coco_path, load_split
+from vlmprobe.data.shapes import CATEGORIES
+from vlmprobe.io import read_json, rounded, write_json
 from vlmprobe.models.base import ModelAdapter, WeightsUnavailable, resolve_device
 from vlmprobe.models.registry import RegistryEntry, RegistryError, adapter_for, get_entry
 from vlmprobe.params import ParamsError, get, load_params, require_choice, require_int
@@ -54,8 +55,12 @@ def validate(params: dict) -> dict:
     }
 
 
-def not_applicable(entry: RegistryEntry, adapter: ModelAdapter) -> dict[str, str]:
-    """Test -> why it does not apply to this model (empty when both run)."""
+def not_applicable(entry: RegistryEntry, adapter: ModelAdapter, data: Path) -> dict[str, str]:
+    """Test -> why it does not apply to this model or dataset (empty when both run)."""
+    if not shapes_dataset(data):
+        why = ("not applicable: the questions are about the synthetic shapes "
+               "(data.dataset: shapes), not this dataset")
+        return {"grounding": why, "vqa": why}
     if not adapter.generates:
         why = f"not applicable: {entry.name} does not generate text"
         return {"grounding": why, "vqa": why}
@@ -63,6 +68,14 @@ def not_applicable(entry: RegistryEntry, adapter: ModelAdapter) -> dict[str, str
         return {"grounding": f"not applicable: {entry.name} ({entry.family}) has no grounding "
                              "output format"}
     return {}
+
+
+def shapes_dataset(data: Path) -> bool:
+    """Whether `data` holds the synthetic shapes (their categories), which the questions need."""
+    path = coco_path(data, "test")
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; run `dvc repro data` first.")
+    return [c["name"] for c in read_json(path)["categories"]] == [c["name"] for c in CATEGORIES]
 
 
 def answer_all(adapter: ModelAdapter, model: torch.nn.Module, images: np.ndarray,
@@ -110,7 +123,7 @@ def run_vqa(adapter: ModelAdapter, model: torch.nn.Module, split: Split, config:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--data", type=Path, default=Path("data/images"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/ground.json"))
     args = parser.parse_args(argv)
     try:
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     entry = config["entry"]
     adapter = adapter_for(entry)
-    skipped = not_applicable(entry, adapter)
+    skipped = not_applicable(entry, adapter, args.data)
     meta = {"vlm": entry.name, "display_name": entry.display_name, "family": entry.family,
             "box_format": adapter.box_format}
     if "vqa" in skipped:
@@ -130,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config["threads"])
     try:
+        started = time.perf_counter()
         result, measured = ground_model(adapter, args.data, config, skipped)
+        print(f"ground: {entry.name} answered in {time.perf_counter() - started:.1f} s")
     finally:
         torch.set_num_threads(previous_threads)
     write_json(args.metrics, rounded({**result, "not_applicable": skipped,
@@ -148,14 +163,12 @@ def ground_model(adapter: ModelAdapter, data: Path, config: dict, skipped: dict[
         provenance = adapter.weights_provenance(Path.cwd())
     except (ParamsError, WeightsUnavailable, DatasetError) as e:
         raise SystemExit(f"error: {e}") from None
-    started = time.perf_counter()
     result: dict = {}
     if "grounding" not in skipped:
         result.update(run_grounding(adapter, model, split, config, device))
     result.update(run_vqa(adapter, model, split, config, device))
     return result, {"weights": provenance, "device": str(device), "n_images": len(split.images),
-                    "threads": config["threads"],
-                    "seconds": round(time.perf_counter() - started, 1)}
+                    "threads": config["threads"]}
 
 if __name__ == "__main__":
     sys.exit(main())
