@@ -20,15 +20,16 @@ def with_detector(**values):
     return params
 
 
-def test_detector_settings_follow_the_stage_seed_threads_and_bootstrap():
+def test_detector_settings_follow_the_stage_seed_and_bootstrap():
     config = reconstruct.validate(load_params(reconstruct.PARAMS, ROOT_PARAMS))
-    dense, train = config["detector"].dense, config["train"]
-    assert (dense.seed, dense.threads) == (train.seed, train.threads)
+    dense = config["detector"].dense
+    assert dense.seed == config["train"].seed
     assert dense.bootstrap == config["scores"].bootstrap
 
 
 @pytest.mark.parametrize(("key", "value"), [("eval_every", 10_000), ("train_samples", 2),
-                                            ("width", 0), ("lr", 5.0)])
+                                            ("width", 0), ("lr", 5.0),
+                                            ("threads", 0)])
 def test_bad_detector_values_name_the_key(key, value):
     with pytest.raises(ParamsError, match=rf"reconstruct\.detector\.{key} = {value}"):
         reconstruct.validate(with_detector(**{key: value}))

@@ -107,7 +107,7 @@ def validate(params: dict) -> dict:
                 depth=require_int(params, f"{d}.depth", 1, 16),
                 flip=True,  # mirror augmentation, as the probe stage's default
                 eval_every=require_int(params, f"{d}.eval_every", 1, steps),
-                threads=threads,
+                threads=require_int(params, f"{d}.threads", 1, 256),
                 seed=seed,
                 bootstrap=bootstrap,
             ),
