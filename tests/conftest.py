@@ -37,6 +37,8 @@ SMALL_PARAMS = {
     "reconstruct.warmup_epochs": 1,
     "reconstruct.epochs": 0,
     "reconstruct.bootstrap": 100,
+    "reconstruct.detector.steps": 20,
+    "reconstruct.detector.eval_every": 10,
 }
 
 

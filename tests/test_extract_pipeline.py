@@ -1,4 +1,6 @@
-"""`dvc exp run -S vlm=<family>_tiny` runs the whole pipeline offline on CPU for each family."""
+"""`dvc exp run -S vlm=<family>_tiny` runs the whole pipeline offline on CPU for each family;
+one family bridges into the random LTX-Video VAE (`-S video_vae=ltx_video_tiny`), the others
+into the default `pixels32`."""
 
 from __future__ import annotations
 
@@ -11,14 +13,27 @@ from conftest import make_project, run
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("vlm", ["qwen2_5_vl_tiny", "llava_next_tiny", "internvl2_tiny",
-                                 "cogvlm2_tiny"])
-def test_tiny_family_runs_the_whole_pipeline(tmp_path, vlm):
+@pytest.mark.parametrize(("vlm", "video_vae"), [
+    ("qwen2_5_vl_tiny", "ltx_video_tiny"),
+    ("llava_next_tiny", "pixels32"),
+    ("internvl2_tiny", "pixels32"),
+    ("cogvlm2_tiny", "pixels32"),
+])
+def test_tiny_family_runs_the_whole_pipeline(tmp_path, vlm, video_vae):
     project = make_project(tmp_path / "project")
-    run(["dvc", "exp", "run", "-S", f"vlm={vlm}"], project)
+    run(["dvc", "exp", "run", "-S", f"vlm={vlm}", "-S", f"video_vae={video_vae}"], project)
     extract = json.loads((project / "metrics/extract.json").read_text())
     assert extract["vlm"] == vlm and "RANDOM" in extract["weights"]["label"]
     probe = json.loads((project / "metrics/probe.json").read_text())
     assert set(probe["points"]) == set(extract["points"])
     assert (project / "data/clip_features/manifest.json").exists()
     assert (project / f"results/p4/{vlm}-spatial.yaml").exists()
+    for stage in ("align", "reconstruct"):
+        meta = json.loads((project / f"metrics/{stage}.json").read_text())["meta"]
+        assert (meta["vlm"], meta["target"]) == (vlm, video_vae)
+    reconstruct = json.loads((project / "metrics/reconstruct.json").read_text())
+    scored = [*reconstruct["points"].values(), *reconstruct["controls"].values(),
+              reconstruct["detector"]["originals"]]
+    assert all(0.0 <= r["map50"] <= 1.0 and len(r["map50_ci95"]) == 2 for r in scored)
+    assert (project / "plots/reconstruct/samples.png").exists()
+    assert (project / "results/p4" / f"{vlm}-alignment.md").exists()

@@ -181,18 +181,37 @@ def predict(model: DenseHead, tokens: torch.Tensor, geometry: TokenGeometry, fra
     return out
 
 
-def run_dense_probe(
+@dataclass
+class DenseDetector:
+    """A trained dense head and what it needs to detect on new tokens of the same geometry
+    (standardised with the training split's statistics)."""
+
+    model: DenseHead
+    standardize: Standardizer
+    geometry: TokenGeometry
+    ids: list[int]
+    settings: DenseSettings
+    val_map50: float
+    selected_step: int
+
+    def detect(self, features: np.ndarray) -> list[Detections]:
+        """Detections (pixel boxes) on (N, T, D) tokens."""
+        with deterministic_torch(self.settings.seed, self.settings.threads):
+            return predict(self.model, self.standardize(features), self.geometry,
+                           TokenFrame.of(self.geometry), self.ids)
+
+
+def train_dense_head(
     features: dict[str, np.ndarray],
     splits: dict[str, Split],
     geometry: TokenGeometry,
     settings: DenseSettings,
     curves_dir: Path,
-) -> tuple[dict, list[Detections]]:
-    """Train on train, pick the checkpoint by val mAP@0.5, report test `dense_map50`,
-    `dense_map` (+ CIs). Returns the metrics and the test detections."""
+) -> DenseDetector:
+    """Train on the train split, keep the checkpoint with the best val mAP@0.5."""
     ids = class_ids(splits["train"])
     standardize = Standardizer(features["train"])
-    x = {name: standardize(f) for name, f in features.items()}
+    x = {name: standardize(features[name]) for name in ("train", "val")}
     frame = TokenFrame.of(geometry)
     targets = split_targets(splits["train"])
     truth = [token_targets(t, frame, len(ids)) for t in targets]
@@ -237,10 +256,23 @@ def run_dense_probe(
                     best = (val, copy.deepcopy(model.state_dict()), step + 1)
         curves.close()
         model.load_state_dict(best[1])
-        test_found = predict(model, x["test"], geometry, frame, ids)
+    return DenseDetector(model, standardize, geometry, ids, settings, best[0], best[2])
+
+
+def run_dense_probe(
+    features: dict[str, np.ndarray],
+    splits: dict[str, Split],
+    geometry: TokenGeometry,
+    settings: DenseSettings,
+    curves_dir: Path,
+) -> tuple[dict, list[Detections]]:
+    """Train on train, pick the checkpoint by val mAP@0.5, report test `dense_map50`,
+    `dense_map` (+ CIs). Returns the metrics and the test detections."""
+    detector = train_dense_head(features, splits, geometry, settings, curves_dir)
+    test_found = detector.detect(features["test"])
     metrics = detection_scores(
         splits["test"], test_found, "dense_", settings.bootstrap, settings.seed
     )
-    metrics["dense_val_map50"] = best[0]
-    metrics["dense_selected_step"] = best[2]
+    metrics["dense_val_map50"] = detector.val_map50
+    metrics["dense_selected_step"] = detector.selected_step
     return metrics, test_found
