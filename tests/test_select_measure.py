@@ -15,7 +15,13 @@ from vlmprobe.select.criteria import (
     Measurement,
     judge,
 )
-from vlmprobe.select.measure import build_run, declared_complexity, measure, speed_ratio
+from vlmprobe.select.measure import (
+    best_measurement,
+    build_run,
+    declared_complexity,
+    measure,
+    speed_ratio,
+)
 from vlmprobe.select.score import normalise, weighted_score
 
 ABOVE = Criterion("spatial_iou", ">", 0.6, "Spatial IoU > 0.60")
@@ -143,3 +149,11 @@ def test_invalid_reconstruct_stage_falls_back_to_the_probe_decoder_saying_why():
     assert found["spatial_iou"] is None
     why = missing["spatial_iou"]
     assert "pixels_ok" in why and "reconstruction probe" in why
+
+
+def test_a_quantity_not_applicable_says_why():
+    ground = {"not_applicable": {"grounding": "not applicable: x does not generate text",
+                                 "vqa": "not applicable: x does not generate text"}}
+    found, why = best_measurement(ground, "metrics/ground.json", ("vqa_acc",), False)
+    assert found is None
+    assert why == "vqa_acc not in metrics/ground.json (not applicable: x does not generate text)"

@@ -122,7 +122,10 @@ def best_measurement(metrics: dict[str, Any], path: str, keys: tuple[str, ...],
                 candidates.append(Measurement(float(record[key]), _ci(record, key),
                                               f"{path} {label}{key}"))
     if not candidates:
-        return None, "; ".join(reasons) or f"{'/'.join(keys)} not in {path}"
+        skipped = metrics.get("not_applicable")
+        why = f" ({'; '.join(sorted(set(skipped.values())))})" if isinstance(skipped, dict) \
+            and skipped else ""
+        return None, "; ".join(reasons) or f"{'/'.join(keys)} not in {path}{why}"
     sign = 1 if lower_is_better else -1
     # Deterministic: ties keep the file's order (best point first found).
     return min(candidates, key=lambda m: sign * m.value), ""
