@@ -16,23 +16,22 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmprobe.align.inputs import SOURCES, clip_frame_inputs, image_inputs
 from vlmprobe.align.pooling import area_weights, pool_tokens
 from vlmprobe.align.report import TABLE_METRICS, cka_heatmap, write_report
 from vlmprobe.align.study import (
-    SPLIT_NAMES,
     AlignSettings,
     Kernels,
     alignment_scores,
     channel_group_grams,
     channel_groups,
 )
-from vlmprobe.data.dataset import load_split
-from vlmprobe.extract.store import FeatureStore
 from vlmprobe.io import rounded, write_json, write_text
 from vlmprobe.params import (
     ParamsError,
     get,
     load_params,
+    require_choice,
     require_float,
     require_float_list,
     require_int,
@@ -66,6 +65,8 @@ def validate(params: dict) -> dict:
     return {
         "vlm": vlm,
         "target": target,
+        "source": require_choice(params, "align.source", SOURCES),
+        "frames_per_clip": require_int(params, "align.frames_per_clip", 1, 1024),
         "settings": AlignSettings(
             rbf_sigma=require_float(params, "align.rbf_sigma", 0.01, 100.0),
             ridge_alphas=require_float_list(params, "align.ridge_alphas", 1e-9, 1e6),
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("data/images"))
     parser.add_argument("--features", type=Path, default=Path("data/features"))
+    parser.add_argument("--clips", type=Path, default=Path("data/clips"))
+    parser.add_argument("--clip-features", type=Path, default=Path("data/clip_features"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/align.json"))
     parser.add_argument("--plots", type=Path, default=Path("plots/align"))
     parser.add_argument("--results", type=Path, default=Path("results/p4"))
@@ -121,18 +124,19 @@ def main(argv: list[str] | None = None) -> None:
         config = validate(load_params(PARAMS))
     except (ParamsError, VaeError) as e:
         raise SystemExit(f"error: {e}") from None
-    store = FeatureStore.open(args.features)
+    try:
+        inputs = (image_inputs(args.data, args.features) if config["source"] == "images" else
+                  clip_frame_inputs(args.clips, args.clip_features, config["frames_per_clip"]))
+    except ParamsError as e:
+        raise SystemExit(f"error: {e}") from None
+    store, image_ids, images, split_of = (inputs.store, inputs.image_ids, inputs.images,
+                                          inputs.split_of)
     if store.manifest["vlm"] != config["vlm"]:
-        raise SystemExit(f"error: {args.features} holds features of {store.manifest['vlm']!r} "
-                         f"but params.yaml says vlm = {config['vlm']!r}. Fix: `dvc repro`.")
+        raise SystemExit(f"error: the features of {inputs.dataset} are of "
+                         f"{store.manifest['vlm']!r} but params.yaml says vlm = "
+                         f"{config['vlm']!r}. Fix: `dvc repro`.")
     settings: AlignSettings = config["settings"]
     start = time.perf_counter()
-
-    splits = [load_split(args.data, s) for s in SPLIT_NAMES]
-    image_ids = [i for s in splits for i in s.image_ids]
-    images = np.concatenate([s.images for s in splits])
-    bounds = np.cumsum([0] + [len(s.image_ids) for s in splits])
-    split_of = {s: np.arange(bounds[i], bounds[i + 1]) for i, s in enumerate(SPLIT_NAMES)}
 
     vae = load_vae(config["target"])
     latent_geometry = vae.latent_geometry(images.shape[1:3])
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
             "target_weights": target_info["weights"],
             "latent_grid": f"{latent_geometry.grids[0].rows}x{latent_geometry.grids[0].cols}",
             "latent_channels": vae.latent_channels,
-            "dataset": str(args.data),
+            "source": config["source"],
+            "dataset": inputs.dataset,
             "n_images": len(image_ids),
             "n_train": len(split_of["train"]),
             "n_val": len(split_of["val"]),
