@@ -11,17 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from vlmprobe.extract.geometry import Grid, TokenGeometry
 from vlmprobe.models.registry import RegistryError
 from vlmprobe.models.vlm import (
-    VLMAdapter,
-    chat_text,
+    ProcessorVLMAdapter,
     offline_tokenizer,
-    processor_generate,
     prompt_words,
     token_positions,
 )
@@ -29,7 +26,8 @@ from vlmprobe.models.vlm import (
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 
-class LlavaNextAdapter(VLMAdapter):
+class LlavaNextAdapter(ProcessorVLMAdapter):
+    template = TEMPLATE
     point_kinds = ("vision", "projector", "llm")
 
     def model_class(self) -> type:
@@ -81,18 +79,6 @@ class LlavaNextAdapter(VLMAdapter):
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,  # the CLS token the model drops
         )
-
-    def prepare(self, images: np.ndarray, device: torch.device) -> dict[str, Any]:
-        text = TEMPLATE.format(prompt=self.prompt)
-        inputs = self.processor(
-            text=[text] * len(images), images=list(images), return_tensors="pt", padding=True
-        )
-        return {k: v.to(device) for k, v in inputs.items()}
-
-    def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
-               max_new_tokens: int, device: torch.device) -> list[str]:
-        texts = [chat_text(self.processor, p, TEMPLATE) for p in prompts]
-        return processor_generate(model, self.processor, texts, images, max_new_tokens, device)
 
     def point_module(self, model: nn.Module, point: str) -> nn.Module:
         kind = self.entry.points[point]["kind"]

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.models.vlm import (
-    VLMAdapter,
-    chat_text,
+    ProcessorVLMAdapter,
     offline_tokenizer,
-    processor_generate,
     prompt_words,
     token_positions,
 )
@@ -30,7 +27,8 @@ TEMPLATE = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{promp
             "<|im_start|>assistant\n")
 
 
-class Qwen25VLAdapter(VLMAdapter):
+class Qwen25VLAdapter(ProcessorVLMAdapter):
+    template = TEMPLATE
     point_kinds = ("vision", "merger", "llm")
     box_format = "pixels-json"
     grounding_template = ("Find the location of the {object}. Output its bbox coordinates in "
@@ -74,18 +72,6 @@ class Qwen25VLAdapter(VLMAdapter):
             tokenizer=tokenizer,
             video_processor=Qwen2VLVideoProcessor(),
         )
-
-    def prepare(self, images: np.ndarray, device: torch.device) -> dict[str, Any]:
-        text = TEMPLATE.format(prompt=self.prompt)
-        inputs = self.processor(
-            text=[text] * len(images), images=list(images), return_tensors="pt", padding=True
-        )
-        return {k: v.to(device) for k, v in inputs.items()}
-
-    def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
-               max_new_tokens: int, device: torch.device) -> list[str]:
-        texts = [chat_text(self.processor, p, TEMPLATE) for p in prompts]
-        return processor_generate(model, self.processor, texts, images, max_new_tokens, device)
 
     def image_token_index(self, inputs: dict[str, Any]) -> torch.Tensor:
         return token_positions(inputs["input_ids"] == self.image_token_id)

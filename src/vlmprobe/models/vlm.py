@@ -274,3 +274,21 @@ class VLMAdapter(ModelAdapter):
     @abstractmethod
     def encoder_tokens(self, point: str, output: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """Tokens (B, T, D) of a non-LLM point, in geometry order."""
+
+
+class ProcessorVLMAdapter(VLMAdapter):
+    """A family whose transformers processor builds every input from one prompt template."""
+
+    template: ClassVar[str]  # the family's prompt around {prompt}, with its image placeholder
+
+    def prepare(self, images: np.ndarray, device: torch.device) -> dict[str, Any]:
+        text = self.template.format(prompt=self.prompt)
+        inputs = self.processor(
+            text=[text] * len(images), images=list(images), return_tensors="pt", padding=True
+        )
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
+               max_new_tokens: int, device: torch.device) -> list[str]:
+        texts = [chat_text(self.processor, p, self.template) for p in prompts]
+        return processor_generate(model, self.processor, texts, images, max_new_tokens, device)
