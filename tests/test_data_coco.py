@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +12,22 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from fixture_datasets import ANNOTATIONS, CATEGORIES, corrupt_coco, make_coco
-from vlmprobe.data.bad_samples import BadSampleError
-from vlmprobe.data.coco import candidate_order, output_mask, write_coco_subset
+from conftest import ROOT, run, set_params
+from fixture_datasets import ANNOTATIONS, CATEGORIES, corrupt_coco, make_coco, png_header
+from vlmprobe.data.bad_samples import POLICIES, BadSample, BadSampleError
+from vlmprobe.data.coco import (
+    ImageTask,
+    SourceError,
+    candidate_order,
+    output_mask,
+    prepare_image,
+    write_coco_subset,
+)
 from vlmprobe.data.dataset import SPLITS, load_split
 from vlmprobe.data.letterbox import PAD_RGB, Letterbox
 
-SUBSET = dict(seed=0, image_size=112, n_train=10, n_val=4, n_test=4, workers=2)
+SUBSET = dict(seed=0, image_size=112, n_train=10, n_val=4, n_test=4, workers=2,
+              max_pixels=40_000_000)
 
 
 @pytest.mark.parametrize(("width", "height"), [(160, 120), (120, 160), (100, 100), (640, 427)])
@@ -58,9 +68,11 @@ def coco_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_coco(tmp_path_factory.mktemp("coco"))
 
 
-def _write(source: Path, out: Path, policy: str = "fail") -> dict:
+def _write(source: Path, out: Path, policy: str = "fail", allow_outside_paths: bool = False
+           ) -> dict:
     return write_coco_subset(out, images_dir=source / "val2017",
-                             annotations=source / ANNOTATIONS, on_bad_sample=policy, **SUBSET)
+                             annotations=source / ANNOTATIONS, on_bad_sample=policy,
+                             allow_outside_paths=allow_outside_paths, **SUBSET)
 
 
 def test_subset_is_deterministic_coco_format_with_categories_and_crowds(coco_source, tmp_path):
@@ -96,7 +108,8 @@ def test_subset_is_deterministic_coco_format_with_categories_and_crowds(coco_sou
 
 
 @pytest.mark.parametrize("kind", ["truncated", "missing", "not_an_image", "box_outside",
-                                  "dangling"])
+                                  "dangling", "fifo", "bomb", "outside_dotdot",
+                                  "outside_absolute", "outside_symlink"])
 def test_bad_sample_fails_naming_file_or_is_skipped_and_recorded(tmp_path, kind):
     source = make_coco(tmp_path / "coco", n_images=24)
     victim = candidate_order(json.loads((source / ANNOTATIONS).read_text()), 0)[0]
@@ -114,3 +127,95 @@ def test_bad_sample_fails_naming_file_or_is_skipped_and_recorded(tmp_path, kind)
     chosen = {e["id"] for s in SPLITS
               for e in json.loads((out / f"instances_{s}.json").read_text())["images"]}
     assert (victim in chosen) is (kind == "dangling")
+
+
+@pytest.mark.parametrize("kind", ["outside_dotdot", "outside_absolute", "outside_symlink"])
+def test_paths_outside_the_image_directory_are_read_when_allowed(tmp_path, kind):
+    source = make_coco(tmp_path / "coco", n_images=24)
+    victim = candidate_order(json.loads((source / ANNOTATIONS).read_text()), 0)[0]
+    corrupt_coco(source, victim, kind)
+    summary = _write(source, tmp_path / "out", allow_outside_paths=True)
+    assert summary["skipped"]["count"] == 0
+    chosen = {e["id"] for e in json.loads((tmp_path / "out/instances_train.json").read_text())[
+        "images"]}
+    assert victim in chosen
+
+
+# (mutation of the fixture's annotation file, fragment the error must contain). The fixture's
+# first annotation has id 1; its first image has id 1000.
+MALFORMED = [
+    (lambda c: c["annotations"][0].update(bbox=["1", "2", "3", "4"]),
+     "annotations[0] (id 1): `bbox` = ['1', '2', '3', '4'] must be 4 numbers"),
+    (lambda c: c["annotations"][0].update(bbox=[1, 2, 3]), "`bbox` = [1, 2, 3] must be 4"),
+    (lambda c: c["annotations"][0].update(bbox=[1, 2, float("nan"), 4]), "`bbox` = [1, 2, nan"),
+    (lambda c: c["annotations"][0].pop("id"), "annotations[0] has no `id`"),
+    (lambda c: c["annotations"][0].pop("image_id"), "annotations[0] (id 1) has no `image_id`"),
+    (lambda c: c["annotations"][0].update(category_id="1"), "`category_id` = '1' must be an"),
+    (lambda c: c["annotations"][0].update(segmentation="x"), "`segmentation` = 'x' must be"),
+    (lambda c: c["annotations"][0].update(segmentation=[["a", 1]]), "`segmentation` = [['a'"),
+    (lambda c: c["annotations"][0].update(iscrowd=2), "`iscrowd` = 2 must be 0 or 1"),
+    (lambda c: c["annotations"].__setitem__(0, [1, 2]), "annotations[0] is a list, expected"),
+    (lambda c: c["images"][0].update(id="1000"), "images[0]: `id` = '1000' must be an integer"),
+    (lambda c: c["images"][0].update(width=-5), "images[0] (id 1000): `width` = -5 must be a "
+                                                "positive integer"),
+    (lambda c: c["images"][0].pop("file_name"), "images[0] (id 1000) has no `file_name`"),
+    (lambda c: c.update(images={str(e["id"]): e for e in c["images"]}),
+     "`images` is a dict, expected a list of objects"),
+    (lambda c: c.update(categories="person"), "`categories` is a str, expected a list"),
+    (lambda c: c["categories"][0].update(name=None), "categories[0] (id 1): `name` = None must"),
+    (lambda c: c["images"][1].update(id=c["images"][0]["id"]),
+     "images: id 1000 is used 2 times (images[0], images[1]); ids must be unique"),
+    (lambda c: c["annotations"][1].update(id=c["annotations"][0]["id"]),
+     "annotations: id 1 is used 2 times (annotations[0], annotations[1])"),
+    (lambda c: c["categories"][1].update(id=1), "categories: id 1 is used 2 times"),
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(("mutate", "expected"), MALFORMED,
+                         ids=[expected for _, expected in MALFORMED])
+def test_malformed_annotation_file_is_an_error_naming_the_field(tmp_path, mutate, expected,
+                                                               policy):
+    source = make_coco(tmp_path / "coco", n_images=24)
+    coco = json.loads((source / ANNOTATIONS).read_text())
+    mutate(coco)
+    (source / ANNOTATIONS).write_text(json.dumps(coco))
+    with pytest.raises(SourceError) as failure:
+        _write(source, tmp_path / "out", policy=policy)
+    message = str(failure.value)
+    assert message.startswith(f"annotation file {source / ANNOTATIONS} is malformed")
+    assert expected in message and "Fix: correct those fields" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_stage_reports_a_malformed_file_without_a_traceback(tmp_path):
+    source = make_coco(tmp_path / "coco", n_images=24)
+    coco = json.loads((source / ANNOTATIONS).read_text())
+    coco["annotations"][0]["bbox"] = ["1", "2", "3", "4"]
+    (source / ANNOTATIONS).write_text(json.dumps(coco))
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(project / "params.yaml", {
+        "data.dataset": "coco", "data.coco.images": str(source / "val2017"),
+        "data.coco.annotations": str(source / ANNOTATIONS), "data.coco.n_train": 4,
+        "data.coco.n_val": 2, "data.coco.n_test": 2})
+    result = run([sys.executable, "-m", "vlmprobe.stages.data"], project, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "`bbox` = ['1', '2', '3', '4'] must be 4 numbers" in result.stderr
+
+
+@pytest.mark.parametrize(("width", "height", "says"), [
+    (300, 300, "300x300 = 90,000 pixels"),  # PIL's own guard only warns up to twice its limit
+    (400, 400, "over 100,000 pixels"),  # PIL's guard refuses in `open`, from the header
+])
+def test_too_many_pixels_are_refused_from_the_header(tmp_path, width, height, says):
+    path = tmp_path / "big.png"
+    path.write_bytes(png_header(width, height))  # a header and one row: decoding would fail
+    entry = {"id": 1, "file_name": path.name, "width": width, "height": height}
+    task = ImageTask(entry, [], tmp_path, tmp_path, 112, max_pixels=50_000,
+                     allow_outside_paths=False)
+    result = prepare_image(task)
+    assert isinstance(result, BadSample)
+    assert f"refused before decoding: its header says {says}, more than data.max_pixels = " \
+           "50,000" in result.problem

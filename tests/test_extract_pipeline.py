@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize(("vlm", "video_vae"), [
     ("qwen2_5_vl_tiny", "ltx_video_tiny"),
     ("llava_next_tiny", "pixels32"),
+    ("llava_tiny", "pixels32"),
     ("internvl2_tiny", "pixels32"),
     ("cogvlm2_tiny", "pixels32"),
 ])

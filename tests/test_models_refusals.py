@@ -36,7 +36,7 @@ def test_remote_code_needs_the_entry_to_allow_it():
 
 
 def test_changed_remote_code_is_refused(tmp_path):
-    code = shutil.copytree(PACKAGE_DIR / "remote_fixtures/cogvlm2", tmp_path / "cogvlm2")
+    code = shutil.copytree(PACKAGE_DIR / "random_entry_code/cogvlm2", tmp_path / "cogvlm2")
     modeling = code / "modeling_cogvlm.py"
     modeling.write_text(modeling.read_text() + "\n# changed\n")
     with pytest.raises(WeightsUnavailable, match=code_revision(code)):
@@ -69,7 +69,7 @@ def test_missing_weights_offline_name_checkpoint_revision_and_fix():
 
 def test_checkpoint_in_another_layout_is_refused():
     with pytest.raises(WeightsUnavailable, match="original LLaVA layout"):
-        adapter_for(get_entry("llava_next")).model_config(ROOT)
+        adapter_for(get_entry("llava_next_14b")).model_config(ROOT)
 
 
 @pytest.mark.parametrize("safe", [True, False])

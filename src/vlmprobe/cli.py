@@ -4,19 +4,29 @@
     vlmprobe models     the registered models and their extraction points
     vlmprobe compare    every run (workspace, experiments) decided on together: results/p4/*.md
     vlmprobe pr-report  metrics, params and plots against a base revision, offline: report/
+    vlmprobe doctor     a checkpoint's own code, shrunk, through a real load: every point, CPU
+    vlmprobe pin        pin a hub entry to its repo's current commit, in the project's pins.yaml
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 from pathlib import Path
 
 import yaml
 
 from vlmprobe.models.registry import RegistryError, entries
-from vlmprobe.params import ParamsError, get, load_params
+from vlmprobe.params import (
+    ParamsError,
+    check_keys,
+    committed_params,
+    get,
+    load_params,
+    read_params_file,
+)
 
 
 def stage_modules(dvc_yaml: Path) -> dict[str, str]:
@@ -30,13 +40,31 @@ def stage_modules(dvc_yaml: Path) -> dict[str, str]:
 
 
 def validate(params_file: Path, dvc_yaml: Path) -> list[str]:
-    """Run every stage's own param validation; return the error messages."""
-    errors = []
+    """Every check a stage makes on its params, without loading a model; the error messages.
+
+    First the file (YAML, unknown and missing keys against the committed params.yaml), as each
+    stage's `load_params` refuses those before anything else; then each stage's `validate`.
+    Stages that name extraction points (their `validate` takes `points`) are checked against
+    the points the extract stage will write, as they are against its feature store when run.
+    """
+    from vlmprobe.data.coco import SourceError
+    from vlmprobe.models.base import WeightsUnavailable
+
+    schema = committed_params(dvc_yaml.parent.resolve())
+    try:
+        check_keys(read_params_file(params_file), schema)
+    except ParamsError as e:
+        return str(e).splitlines()
+    errors, configs = [], {}
     for stage, module_name in stage_modules(dvc_yaml).items():
         module = importlib.import_module(module_name)
+        upstream = {}
+        if "points" in inspect.signature(module.validate).parameters:
+            upstream["points"] = configs.get("extract", {}).get("points")
         try:
-            module.validate(load_params(module.PARAMS, params_file))
-        except (ParamsError, RegistryError) as e:
+            params = load_params(module.PARAMS, params_file, schema)
+            configs[stage] = module.validate(params, **upstream)
+        except (ParamsError, RegistryError, WeightsUnavailable, SourceError) as e:
             errors.append(f"{stage}: {e}")
     return errors
 
@@ -83,6 +111,34 @@ def pr_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor(args: argparse.Namespace) -> int:
+    from vlmprobe.models.base import WeightsUnavailable
+    from vlmprobe.models.doctor import run_doctor
+
+    dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+    try:
+        return run_doctor(args.entry, args.local, dtypes, Path.cwd())
+    except (RegistryError, WeightsUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def pin(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from vlmprobe.models.pins import HubUnreachable, pin_entry
+
+    try:
+        print(pin_entry(args.entry, Path.cwd()))
+    except HubUnreachable as e:
+        print(f"vlmprobe pin: {e}", file=sys.stderr)  # one line: the usual case, not a crash
+        return 3
+    except (RegistryError, HfHubHTTPError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmprobe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--base", default="main", help="git revision to compare with")
     pr.add_argument("--out", type=Path, default=Path("report"))
     pr.add_argument("--figure-url", help="prefix for figure links (CI); default figures/")
+    doc = sub.add_parser("doctor", help="check a checkpoint's own code on CPU before GPU hours")
+    doc.add_argument("entry", help="registry entry (its family and points)")
+    doc.add_argument("--local", type=Path, help="checkpoint folder (default: the entry's own)")
+    doc.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
+    pins = sub.add_parser("pin", help="pin a hub entry's revision to its repo's current commit")
+    pins.add_argument("entry", help="registry entry with weights.source: hub")
     args = parser.parse_args(argv)
+    if args.command == "pin":
+        return pin(args)
+    if args.command == "doctor":
+        return doctor(args)
     if args.command == "models":
         print(list_models())
         return 0

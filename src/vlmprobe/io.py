@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -58,8 +59,41 @@ def rounded(obj: Any, digits: int = METRIC_DIGITS) -> Any:
     return obj
 
 
+class NonFiniteJSON(ValueError):
+    """A NaN or inf was about to be written to a JSON file."""
+
+
+def nonfinite_paths(obj: Any, path: str = "") -> list[str]:
+    """Key paths (`points.L5.map50`, `ci95[1]`) of every NaN or inf float in nested dicts and
+    lists."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [path or "(top level)"]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in nonfinite_paths(v, f"{path}.{k}" if path
+                                                                    else str(k))]
+    if isinstance(obj, list | tuple):
+        return [p for i, v in enumerate(obj) for p in nonfinite_paths(v, f"{path}[{i}]")]
+    return []
+
+
 def write_json(path: Path | str, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Write `obj` as JSON; refuse NaN and inf, the last line of defence that keeps a broken
+    computation from being stored as a number (Python's json would write the non-standard
+    `NaN`, which other readers reject or take as a score)."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError as e:
+        bad = nonfinite_paths(obj)
+        if not bad:
+            raise
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteJSON(
+            f"refusing to write {path}: non-finite number at {shown}. NaN/inf is not valid "
+            "JSON and would be read as a result. Fix: the code that produced these values must "
+            "refuse non-finite input (vlmprobe.metrics.finite.require_finite) or record the "
+            "result as invalid with its reason instead of a number."
+        ) from e
+    write_text(path, text + "\n")
 
 
 def read_json(path: Path | str) -> Any:

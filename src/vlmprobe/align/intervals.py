@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from vlmprobe.metrics.finite import require_finite
+
 LEVEL = 0.95
 
 
@@ -28,6 +30,8 @@ def half_sample_ci(
     deviations = np.array(
         [statistic(np.sort(rng.permutation(n)[: n // 2])) for _ in range(rounds)]
     )
+    require_finite("half_sample_ci statistic (all images)", full)
+    require_finite("half_sample_ci statistic (half samples)", deviations)
     deviations -= deviations.mean()
     tail = (1.0 - LEVEL) / 2.0
     lo, hi = np.quantile(deviations, [tail, 1.0 - tail])
@@ -36,6 +40,7 @@ def half_sample_ci(
 
 def bootstrap_mean_ci(values: np.ndarray, rounds: int, seed: int) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-image values."""
+    require_finite("bootstrap_mean_ci(values)", values)
     values = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(rounds, len(values)))].mean(axis=1)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from scipy.stats import rankdata
 
+from vlmprobe.metrics.finite import require_finite
 from vlmprobe.probes.ridge import fit_ridge_path
 
 
@@ -24,6 +25,8 @@ def _as64(x: np.ndarray) -> np.ndarray:
 def linear_gram(x: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """X X' in float64, accumulated over column chunks so wide float32 inputs are never
     copied whole to float64."""
+    # Every feature matrix of the CKA variants enters here: checked once, where it enters.
+    require_finite("linear_gram(x)", x)
     x = np.asarray(x).reshape(len(x), -1)
     gram = np.zeros((len(x), len(x)))
     for s in range(0, x.shape[1], chunk):
@@ -35,6 +38,7 @@ def linear_gram(x: np.ndarray, chunk: int = 8192) -> np.ndarray:
 def squared_distances(gram: np.ndarray) -> np.ndarray:
     """(n, n) squared Euclidean distances between rows from their Gram matrix (clipped at 0
     against round-off)."""
+    require_finite("squared_distances(gram)", gram)
     norms = np.diag(gram)
     return np.clip(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0, None)
 
@@ -45,6 +49,7 @@ def rbf_gram(d2: np.ndarray, sigma_frac: float) -> np.ndarray:
     The bandwidth follows the data's scale, so RBF CKA, like linear CKA, is invariant to
     isotropic scaling (Kornblith et al. take the median over all n^2 entries; so do we).
     """
+    require_finite("rbf_gram(d2)", d2)
     median = float(np.median(d2))
     if median <= 0:
         return np.ones_like(d2)
@@ -53,6 +58,8 @@ def rbf_gram(d2: np.ndarray, sigma_frac: float) -> np.ndarray:
 
 def hsic_biased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741 (the paper's name)
     """tr(K H L H) / (n - 1)^2, computed by centring K's rows and columns."""
+    require_finite("hsic_biased(k)", k)
+    require_finite("hsic_biased(l)", l)
     n = len(k)
     kc = k - k.mean(axis=0, keepdims=True)
     kc = kc - kc.mean(axis=1, keepdims=True)
@@ -68,6 +75,8 @@ def hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
     n = len(k)
     if n < 4:
         raise ValueError(f"unbiased HSIC needs at least 4 samples, got {n}")
+    require_finite("hsic_unbiased(k)", k)
+    require_finite("hsic_unbiased(l)", l)
     k = k.copy()
     l = l.copy()  # noqa: E741
     np.fill_diagonal(k, 0.0)
@@ -122,6 +131,8 @@ def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
 
 def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Variance-weighted R^2: 1 - total squared error / total variance about y_true's mean."""
+    require_finite("r2_score(y_true)", y_true)
+    require_finite("r2_score(y_pred)", y_pred)
     y_true, y_pred = _as64(y_true), _as64(y_pred)
     total = np.sum((y_true - y_true.mean(axis=0)) ** 2)
     return float(1.0 - np.sum((y_true - y_pred) ** 2) / total) if total > 0 else 0.0
@@ -134,6 +145,9 @@ def ridge_r2(
 
     Returns (test R^2, chosen alpha, test predictions).
     """
+    for split in ("train", "val", "test"):  # a NaN in train would make every fit NaN
+        require_finite(f"ridge_r2(x[{split!r}])", x[split])
+        require_finite(f"ridge_r2(y[{split!r}])", y[split])
     fits = fit_ridge_path(x["train"], y["train"], alphas)
     alpha = max(alphas, key=lambda a: r2_score(y["val"], fits[a](x["val"])))
     prediction = fits[alpha](x["test"])
@@ -148,6 +162,8 @@ def distance_spearman(dx2: np.ndarray, dy2: np.ndarray) -> float:
     """Spearman rho between two representations' pairwise distances, given as (n, n) squared
     distance matrices (each unordered pair once; ties get their average rank; squaring keeps
     the ranks)."""
+    require_finite("distance_spearman(dx2)", dx2)  # rankdata ranks NaN as the largest
+    require_finite("distance_spearman(dy2)", dy2)
     rx, ry = rankdata(upper_triangle(dx2)), rankdata(upper_triangle(dy2))
     return float(np.corrcoef(rx, ry)[0, 1])
 
@@ -155,6 +171,7 @@ def distance_spearman(dx2: np.ndarray, dy2: np.ndarray) -> float:
 def knn_indices(d2: np.ndarray, k: int) -> np.ndarray:
     """(n, k) indices of each row's k nearest other rows by the (n, n) distances `d2`
     (ties go to the lower index)."""
+    require_finite("knn_indices(d2)", d2)  # argsort puts NaN last: it would look far away
     d2 = d2.astype(np.float64, copy=True)
     np.fill_diagonal(d2, np.inf)
     return np.argsort(d2, axis=1, kind="stable")[:, :k]

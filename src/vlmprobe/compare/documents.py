@@ -228,8 +228,8 @@ def final_recommendation(result: dict[str, Any], plan: dict[str, Any], ctx: Cont
     decision = result["recommendation"]
     selected = decision.get("models") if decision["status"] == "decided" else None
     run_families = {r["family"] for r in runs.values()}
-    not_run = [label for family, label in comparison["planned_models"].items()
-               if family not in run_families]
+    not_run = [label for label, families in comparison["planned_models"].items()
+               if not run_families & set(families)]
     columns = [baseline, *(n for n in runs if n != baseline)]
     headers = ["Metric", runs[baseline]["display_name"] if baseline == "plan"
                else f"`{baseline}` (baseline)", *(f"`{n}`" for n in columns[1:]),

@@ -37,6 +37,9 @@ class Split:
 
 
 def _require_file(path: Path) -> None:
+    if path.exists() and not path.is_file():  # e.g. a FIFO: "not found" would mislead
+        raise DatasetError(f"{path} is not a regular file; run `dvc repro --force data` to "
+                           "write the dataset again.")
     if not path.is_file():
         raise DatasetError(f"{path} not found; run `dvc repro data` to generate the dataset.")
 

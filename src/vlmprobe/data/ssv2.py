@@ -105,6 +105,22 @@ def prepare_video(task: VideoTask) -> np.ndarray | BadSample:
     return np.stack([box.image(frames[i]) for i in pick])
 
 
+def check_source(videos_dir: Path, labels: Path, wanted: int) -> list[dict[str, Any]]:
+    """The source's checks that decode no video (`vlmprobe validate` makes them in seconds):
+    both paths exist and the labels list `wanted` videos of the directional templates.
+    Returns those entries in numeric id order."""
+    if not Path(videos_dir).is_dir():
+        raise SourceError(f"video directory {videos_dir} not found. Fix: set data.ssv2.videos "
+                          "to the directory of <id>.webm files.")
+    entries = [e for e in read_labels(Path(labels)) if template_direction(e["template"])]
+    if len(entries) < wanted:
+        raise SourceError(
+            f"{labels} lists {len(entries)} videos of the directional templates, fewer than the "
+            f"{wanted} asked for (data.ssv2.n_train + n_val + n_test). Fix: lower them to "
+            f"{len(entries)} in all.")
+    return sorted(entries, key=lambda e: int(e["id"]))
+
+
 def write_ssv2_subset(
     out_dir: Path,
     *,
@@ -120,11 +136,7 @@ def write_ssv2_subset(
     workers: int,
 ) -> dict[str, Any]:
     """Write clips.npz and clips.json (the moving shapes' format, without boxes) atomically."""
-    if not Path(videos_dir).is_dir():
-        raise SourceError(f"video directory {videos_dir} not found. Fix: set data.ssv2.videos "
-                          "to the directory of <id>.webm files.")
-    entries = [e for e in read_labels(Path(labels)) if template_direction(e["template"])]
-    entries.sort(key=lambda e: int(e["id"]))
+    entries = check_source(videos_dir, labels, n_train + n_val + n_test)
     order = [entries[i] for i in np.random.default_rng(seed).permutation(len(entries))]
     split_sizes = {"train": n_train, "val": n_val, "test": n_test}
     wanted = sum(split_sizes.values())

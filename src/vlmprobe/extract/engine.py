@@ -12,8 +12,45 @@ import torch
 from tqdm import tqdm
 
 from vlmprobe.extract.hooks import capture_outputs
-from vlmprobe.extract.store import shard_path, write_manifest, write_shard
+from vlmprobe.extract.store import STORED_DTYPE, shard_path, write_manifest, write_shard
+from vlmprobe.metrics.finite import describe_nonfinite, nonfinite_counts
 from vlmprobe.models.base import ModelAdapter
+
+
+class NonFiniteFeatures(RuntimeError):
+    """A point's features hold NaN or inf: stored, they would become plausible-looking metrics
+    (one NaN makes every CKA 0.0), so the batch is refused before any shard is written."""
+
+
+def require_finite_features(
+    point: str, tokens: torch.Tensor, image_ids: list[int], first_index: int
+) -> None:
+    """Raise NonFiniteFeatures if the (B, T, D) `tokens` of `point`, as the store would hold
+    them (STORED_DTYPE), have a NaN or inf, naming the counts, the images (ids and indices in
+    the extraction order) and the likely causes."""
+    stored = tokens.to(STORED_DTYPE)  # checked as stored: float16 overflows past 65504
+    n_nan, n_inf, total = nonfinite_counts(stored)
+    if not (n_nan or n_inf):
+        return
+    overflowed = n_inf - nonfinite_counts(tokens)[1]
+    bad_rows = (~torch.isfinite(stored)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    shown = bad_rows[:10]
+    more = f" and {len(bad_rows) - len(shown)} more" if len(bad_rows) > len(shown) else ""
+    overflow_note = (
+        f" ({overflowed} of the inf are finite values beyond {STORED_DTYPE}'s range +-65504, "
+        "which the store cannot hold)" if overflowed else ""
+    )
+    raise NonFiniteFeatures(
+        f"point {point!r}: {describe_nonfinite(n_nan, n_inf, total)}{overflow_note} in a batch "
+        f"of {len(tokens)} images; non-finite in images {[image_ids[r] for r in shown]}{more} "
+        f"(indices {[first_index + r for r in shown]} of the extraction order). No shard of "
+        "this batch was written. Likely causes: a dtype too narrow for the activations (bf16 "
+        "or fp16 overflow, or pixels not cast to the model's dtype); non-persistent buffers "
+        "left uninitialised by from_pretrained (e.g. rotary inv_freq / cos_cached: they differ "
+        "between two loads); diverged or corrupt weights. Fix: rerun on CPU in fp32 "
+        "(`dvc exp run -S extract.device=cpu`) to tell overflow from garbage, and make the "
+        "adapter's load() recompute non-persistent buffers from the config."
+    )
 
 
 def extract_points(
@@ -75,7 +112,9 @@ def extract_to_store(
             chunks: dict[str, list[torch.Tensor]] = {p: [] for p in points}
             for start in range(lo, hi, batch_size):
                 batch = images[start : min(start + batch_size, hi)]
+                batch_ids = image_ids[start : start + len(batch)]
                 for p, tokens in extract_points(adapter, model, batch, points, device).items():
+                    require_finite_features(p, tokens, batch_ids, start)
                     chunks[p].append(tokens)
                 bar.update(len(batch))
                 done_images += len(batch)

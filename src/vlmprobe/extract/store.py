@@ -21,6 +21,7 @@ from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.io import atomic_path, read_json, write_json
 
 MANIFEST = "manifest.json"
+STORED_DTYPE = torch.float16  # what shards hold; finite values beyond +-65504 become inf
 
 
 def shard_path(root: Path, point: str, index: int) -> Path:
@@ -32,7 +33,7 @@ def write_shard(root: Path, point: str, index: int, features: torch.Tensor, ids:
     with atomic_path(path) as tmp:
         save_file(
             {
-                "features": features.to(torch.float16).contiguous().cpu(),
+                "features": features.to(STORED_DTYPE).contiguous().cpu(),
                 "image_ids": torch.tensor(ids, dtype=torch.int64),
             },
             str(tmp),

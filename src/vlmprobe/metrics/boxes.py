@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from vlmprobe.metrics.finite import require_finite
+
 
 def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box in `a` (N, 4) with every box in `b` (M, 4): an (N, M) matrix."""
+    require_finite("box_iou_matrix(a)", a)
+    require_finite("box_iou_matrix(b)", b)
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
     ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
@@ -28,6 +32,8 @@ def matched_iou(gt: np.ndarray, pred: np.ndarray) -> tuple[float, int]:
     scores a missed object and a spurious box alike as 0, so flooding an image with boxes
     cannot raise the score.
     """
+    require_finite("matched_iou(gt)", gt)  # also where one side is empty and no IoU is taken
+    require_finite("matched_iou(pred)", pred)
     gt = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
     pred = np.asarray(pred, dtype=np.float64).reshape(-1, 4)
     denom = max(len(gt), len(pred))
@@ -40,6 +46,8 @@ def matched_iou(gt: np.ndarray, pred: np.ndarray) -> tuple[float, int]:
 
 def ratio_of_sums(sums: np.ndarray, denoms: np.ndarray) -> float:
     """The dataset-level score: total paired IoU over total slots."""
+    require_finite("ratio_of_sums(sums)", sums)
+    require_finite("ratio_of_sums(denoms)", denoms)
     total = float(np.sum(denoms))
     return float(np.sum(sums)) / total if total > 0 else 0.0
 
@@ -48,6 +56,8 @@ def bootstrap_ci(
     sums: np.ndarray, denoms: np.ndarray, n_boot: int, seed: int, level: float = 0.95
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of `ratio_of_sums`, resampling images with replacement."""
+    require_finite("bootstrap_ci(sums)", sums)
+    require_finite("bootstrap_ci(denoms)", denoms)
     sums = np.asarray(sums, dtype=np.float64)
     denoms = np.asarray(denoms, dtype=np.float64)
     n = len(sums)

@@ -18,6 +18,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from vlmprobe.metrics.finite import require_finite
+
 MAX_DETS = 100  # COCO's largest per-image detection budget, the one mAP is reported at
 
 
@@ -30,6 +32,9 @@ def evaluate(gt: COCO, detections: list[dict], image_ids: list[int] | None) -> C
     """COCOeval after `evaluate()` and `accumulate()`; None when there is no detection at all."""
     if not detections:
         return None
+    # pycocotools counts a NaN box as a hit (`iou < threshold` is False for NaN).
+    require_finite("coco_map detections' bbox", [d["bbox"] for d in detections])
+    require_finite("coco_map detections' score", [d["score"] for d in detections])
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes([dict(d) for d in detections])
         evaluator = COCOeval(gt, dt, iouType="bbox")

@@ -12,6 +12,7 @@ import torch
 from scipy import ndimage
 
 from vlmprobe.assets.lpips_weights import load_lpips
+from vlmprobe.metrics.finite import require_finite
 
 # SSIM constants of Wang et al. (2004): an 11x11 Gaussian window with sigma 1.5.
 SSIM_SIGMA = 1.5
@@ -41,6 +42,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     Local means, variances and covariance use a Gaussian window (sigma 1.5, 11 taps) with
     reflected borders; the per-pixel SSIM map is averaged over pixels and channels.
     """
+    require_finite("ssim(a)", a)
+    require_finite("ssim(b)", b)
     a, b = as_float(a), as_float(b)
     if a.shape != b.shape:
         raise ValueError(f"ssim needs equal shapes, got {a.shape} and {b.shape}")
@@ -70,6 +73,7 @@ def edge_map(image: np.ndarray, threshold: float) -> np.ndarray:
     The Sobel kernels are normalised (divided by 8), so a step of height h across a straight
     edge gives a magnitude of h / 2 on the two pixels either side of it.
     """
+    require_finite("edge_map(image)", image)  # NaN > threshold is False: no edge, silently
     luma = grey(image)
     gx = ndimage.sobel(luma, axis=1, mode="nearest") / 8.0
     gy = ndimage.sobel(luma, axis=0, mode="nearest") / 8.0
@@ -123,6 +127,7 @@ def object_palette(original: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray,
     each object's median colour inside its mask; and for each object the indices of the objects
     of its colour (itself included).
     """
+    require_finite("object_palette(original)", original)
     orig = as_float(original)
     masks = np.asarray(masks, dtype=bool)
     background = ~masks.any(axis=0)
@@ -148,6 +153,7 @@ def recover_masks(
 
     masks: (K, H, W) bool ground-truth masks. Returns (K, H, W) bool.
     """
+    require_finite("recover_masks(reconstruction)", reconstruction)  # argmin of NaN is 0
     rec = as_float(reconstruction)
     palette, groups = object_palette(original, masks)
     distance = ((rec[:, :, None, :] - palette[None, None]) ** 2).sum(axis=-1)
@@ -181,6 +187,8 @@ class Lpips:
 
     def __call__(self, a: np.ndarray, b: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """Per-image LPIPS distance between (N, H, W, 3) image batches `a` and `b`."""
+        require_finite("Lpips(a)", a)
+        require_finite("Lpips(b)", b)
         out = []
         with torch.no_grad():
             for s in range(0, len(a), batch_size):

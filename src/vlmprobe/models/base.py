@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlmprobe.extract.digests import file_digests
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.models.registry import RegistryEntry
 from vlmprobe.params import ParamsError
@@ -106,6 +108,37 @@ class ModelAdapter(ABC):
         """What produced the weights, recorded beside every result."""
         return dict(self.entry.weights)
 
+    def code_and_weights_identity(self, project_root: Path,
+                                  hash_cache: Path | None = None) -> dict[str, Any]:
+        """What determines this adapter's features besides its entry file: code and weights.
+
+        `code`: sha256 of every vlmprobe module the adapter class is built from (its family
+        module and the shared ones); `remote_code`: `code_revision` of the remote-code
+        directory (`weights.code_dir`) or local checkpoint directory; `revision`: the pinned
+        revision; `weights`: sha256 of every file of a local checkpoint (bytes, not sizes and
+        mtimes), remembered in `hash_cache` so a big checkpoint is not re-read on every run.
+        """
+        sources = {cls.__module__: Path(inspect.getsourcefile(cls))
+                   for cls in type(self).__mro__ if cls.__module__.startswith("vlmprobe.")}
+        identity: dict[str, Any] = {
+            "code": {module: hashlib.sha256(path.read_bytes()).hexdigest()
+                     for module, path in sorted(sources.items())},
+            "revision": self.entry.weights.get("revision"),
+        }
+        directories = {}
+        if self.entry.weights.get("code_dir"):
+            # Relative to this package (`/` keeps an absolute code_dir as it is).
+            directories["code_dir"] = Path(__file__).parent / self.entry.weights["code_dir"]
+        if self.entry.weights.get("source") in ("asset", "local"):
+            checkpoint = Path(resolve_pretrained(self.entry, project_root)[0])
+            files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+            identity["weights"] = {str(path.relative_to(checkpoint)): digest
+                                   for path, digest in file_digests(files, hash_cache).items()}
+            directories["checkpoint"] = checkpoint
+        identity["remote_code"] = {name: code_revision(path)
+                                   for name, path in directories.items()}
+        return identity
+
     def generate(self, model: nn.Module, images: np.ndarray, prompts: list[str],
                  max_new_tokens: int, device: torch.device) -> list[str]:
         """The model's greedy answer to `prompts[i]` about `images[i]`, decoded, one batch."""
@@ -188,12 +221,41 @@ def safetensors_kwargs(entry: RegistryEntry) -> dict[str, Any]:
     return {"use_safetensors": not entry.weights.get("allow_pickle_weights", False)}
 
 
+def hub_lacks_revision(error: BaseException) -> bool:
+    """Whether a failed load is the hub answering that the revision does not exist (transformers
+    wraps huggingface_hub's RevisionNotFoundError in an OSError), not the hub being offline."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    seen: BaseException | None = error
+    for _ in range(8):  # a short chain of causes; bounded
+        if seen is None:
+            return False
+        if isinstance(seen, RevisionNotFoundError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def unknown_revision(entry: RegistryEntry) -> WeightsUnavailable:
+    """The refusal for a pinned revision the hub does not have."""
+    weights = entry.weights
+    where = weights.get("pinned_in") or entry.path
+    return WeightsUnavailable(
+        f"model {entry.name!r}: the hub has no revision {weights.get('revision')} of "
+        f"{weights.get('repo_id')!r} (pinned in {where}). Fix: `vlmprobe pin {entry.name}` where "
+        f"the hub is reachable, to pin its current commit, or set weights.revision to a commit "
+        f"of {weights.get('repo_id')}."
+    )
+
+
 def load_pretrained(loader: Any, entry: RegistryEntry, project_root: Path, **kwargs: Any) -> Any:
     """`loader.from_pretrained` with a clear error when the weights cannot be had."""
     location, extra = resolve_pretrained(entry, project_root)
     try:
         return loader.from_pretrained(location, **extra, **kwargs)
     except OSError as e:
+        if hub_lacks_revision(e):
+            raise unknown_revision(entry) from e
         revision = extra.get("revision")
         at = f" at revision {revision}" if revision else ""
         raise WeightsUnavailable(

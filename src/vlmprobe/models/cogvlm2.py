@@ -20,16 +20,24 @@ from PIL import Image
 from torch import nn
 
 from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.models import cogvlm2_kernels
+from vlmprobe.models.published_code import GENERATION_MEND, add_legacy_generation
 from vlmprobe.models.vlm import VLMAdapter, offline_tokenizer, prompt_words, token_positions
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TEMPLATE = "USER: {prompt} ASSISTANT:"
+TEMPLATE = "Question: {prompt} Answer:"  # the code's "chat" template (words for offline tokenizers)
 VISION_TOKEN_TYPE = 1
 
 
 class CogVLM2Adapter(VLMAdapter):
     remote_code = True
+    # vocab_size stays: the published code hard-codes padding_idx 128002.
+    tiny_config = {
+        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_multi_query_heads": 2, "num_hidden_layers": 4,
+        "vision_config": {"image_size": 112, "patch_size": 14, "hidden_size": 32,
+                          "intermediate_size": 64, "num_hidden_layers": 3, "num_heads": 2,
+                          "num_positions": 65},  # (112 / 14)^2 patches + CLS
+    }
     point_kinds = ("vision", "llm")
     box_format = "0-1000"
     grounding_template = ("Find the location of the {object}. Answer with its bounding box as "
@@ -47,13 +55,21 @@ class CogVLM2Adapter(VLMAdapter):
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    def published_class(self, config: Any, location: str, extra: dict[str, Any]) -> type:
+        cogvlm2_kernels.stand_in_modules()  # the published code imports xformers and triton
+        return super().published_class(config, location, extra)
+
     def setup(self, model: nn.Module, pretrained: tuple[str, dict[str, Any]] | None) -> None:
         from transformers import AutoTokenizer
 
         vision = model.config.vision_config
-        self.input_px = vision["image_size"]
         self.grid_side = vision["image_size"] // vision["patch_size"] // 2  # after the 2x2 conv
+        # The code's own prompt and image transform, for extraction as for generation.
+        self.conversation_inputs = model.build_conversation_input_ids
         if pretrained is not None:
+            self.mends += cogvlm2_kernels.use_substitutes(model, next(model.parameters()).device)
+            if add_legacy_generation(model):
+                self.mends.append(GENERATION_MEND)
             location, kwargs = pretrained
             self.tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         else:
@@ -64,39 +80,25 @@ class CogVLM2Adapter(VLMAdapter):
                 bos_token="<bos>", pad_token="<pad>",
             )
 
-    def pixels(self, images: np.ndarray) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 3, S, S) normalised as EVA2-CLIP expects."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        x = F.interpolate(x, size=(self.input_px,) * 2, mode="bicubic", antialias=True)
-        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-    def prepare(self, images: np.ndarray, device: torch.device) -> dict[str, Any]:
-        n_vision = self.grid_side**2 + 2  # boi + patches + eoi
-        text = self.tokenizer(TEMPLATE.format(prompt=self.prompt), add_special_tokens=False)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = [self.tokenizer.bos_token_id] + [pad] * n_vision + text["input_ids"]
-        types = [0] + [VISION_TOKEN_TYPE] * n_vision + [0] * len(text["input_ids"])
-        batch = len(images)
-        pixels = self.pixels(images).to(device)
-        return {
-            "input_ids": torch.tensor([ids] * batch, device=device),
-            "token_type_ids": torch.tensor([types] * batch, device=device),
-            "attention_mask": torch.ones(batch, len(ids), dtype=torch.long, device=device),
-            "images": [[p] for p in pixels],
-        }
-
-    def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
-               max_new_tokens: int, device: torch.device) -> list[str]:
+    def conversations(self, images: np.ndarray, prompts: list[str], device: torch.device
+                      ) -> dict[str, Any]:
+        """One batch through the code's `build_conversation_input_ids`, left-padded."""
         samples = [
-            model.build_conversation_input_ids(self.tokenizer, query=prompt, history=[],
-                                               images=[Image.fromarray(image)],
-                                               template_version="chat")
+            self.conversation_inputs(self.tokenizer, query=prompt, history=[],
+                                     images=[Image.fromarray(image)], template_version="chat")
             for image, prompt in zip(images, prompts, strict=True)
         ]
         batch = left_padded(samples, self.tokenizer.pad_token_id or 0, device)
-        batch["images"] = [[s["images"][0].to(device, model.dtype)] for s in samples]
+        # The published patch embedding does not cast: pixels come in the model's dtype.
+        batch["images"] = [[s["images"][0].to(device, self.dtype)] for s in samples]
+        return batch
+
+    def prepare(self, images: np.ndarray, device: torch.device) -> dict[str, Any]:
+        return self.conversations(images, [self.prompt] * len(images), device)
+
+    def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
+               max_new_tokens: int, device: torch.device) -> list[str]:
+        batch = self.conversations(images, prompts, device)
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=self.tokenizer.pad_token_id)
         return self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],

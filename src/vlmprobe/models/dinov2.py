@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmprobe.extract.geometry import TokenGeometry
-from vlmprobe.models.base import ModelAdapter, load_pretrained, resolve_pretrained
+from vlmprobe.models.base import (
+    ModelAdapter,
+    WeightsUnavailable,
+    load_pretrained,
+    resolve_pretrained,
+    safetensors_kwargs,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,7 +38,18 @@ class Dinov2Adapter(ModelAdapter):
     def load(self, project_root: Path, device: torch.device) -> nn.Module:
         from transformers import Dinov2Model
 
-        model = load_pretrained(Dinov2Model, self.entry, project_root)
+        safetensors_only = safetensors_kwargs(self.entry)
+        try:
+            model = load_pretrained(Dinov2Model, self.entry, project_root, **safetensors_only)
+        except WeightsUnavailable as e:
+            if not (safetensors_only["use_safetensors"] and isinstance(e.__cause__, OSError)):
+                raise
+            # from_pretrained found no safetensors file: a pickled one beside it is refused.
+            raise WeightsUnavailable(
+                f"{e} Only safetensors weights load (pickled ones, such as pytorch_model.bin, "
+                f"can run code on load) unless {self.entry.path} sets "
+                f"weights.allow_pickle_weights: true, after you have reviewed them."
+            ) from e
         self._prefix_tokens = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
         return model.eval().to(device)
 

@@ -9,6 +9,7 @@ tile, and the thumbnail, is one grid of the point's geometry, in the model's til
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -16,12 +17,39 @@ import torch
 from torch import nn
 
 from vlmprobe.extract.geometry import Grid, TokenGeometry
+from vlmprobe.models.published_code import GENERATION_MEND, add_legacy_generation
 from vlmprobe.models.vlm import VLMAdapter, offline_tokenizer, prompt_words, token_positions
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 SPECIAL_TOKENS = ("<pad>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")
-TEMPLATE = "<|im_start|>user\n<img>{image}</img>\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+# The prompt where the model has no conversation template of its own (the stand-in code of the
+# random entries); published checkpoints use theirs, system turn included.
+TEMPLATE = "<|im_start|>user\n<image>\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+ROTARY_MEND = ("InternLM2 rotary buffers (inv_freq, cos_cached, sin_cached) recomputed after "
+               "loading: transformers 5.x leaves these non-persistent buffers uninitialised")
+
+
+def restore_rotary_buffers(model: nn.Module, dtype: torch.dtype) -> int:
+    """Recompute InternLM2's rotary buffers as its constructor does; the number mended.
+
+    They are non-persistent (not in the checkpoint), so `from_pretrained` on transformers 5.x,
+    which builds the model on the meta device, leaves them as uninitialised memory: LLM-layer
+    features come out as garbage in fp32 and NaN in bf16, and differ between two loads. The
+    published `_set_cos_sin_cache` rebuilds the caches from `inv_freq`; `inv_freq` itself is
+    the formula the published constructor uses.
+    """
+    mended = 0
+    for module in model.modules():
+        if not (hasattr(module, "_set_cos_sin_cache") and hasattr(module, "inv_freq")):
+            continue
+        device = module.inv_freq.device
+        exponents = torch.arange(0, module.dim, 2, device=device).float() / module.dim
+        module.register_buffer("inv_freq", 1.0 / (module.base ** exponents), persistent=False)
+        module._set_cos_sin_cache(seq_len=module.max_position_embeddings, device=device,
+                                  dtype=dtype)
+        mended += 1
+    return mended
 
 
 class InternVL2Adapter(VLMAdapter):
@@ -29,6 +57,16 @@ class InternVL2Adapter(VLMAdapter):
     point_kinds = ("vision", "projector", "llm")
     box_format = "0-1000"
     grounding_template = "Find the location of the <ref>{object}</ref>."
+    vocab_size_key = ("llm_config", "vocab_size")
+    tiny_config = {
+        "force_image_size": 112, "max_dynamic_patch": 6,
+        "vision_config": {"image_size": 112, "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 4, "num_attention_heads": 2,
+                          "use_flash_attn": False},
+        "llm_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                       "num_attention_heads": 4, "num_key_value_heads": 2,
+                       "attn_implementation": "eager"},  # flash-attn has no CPU kernel
+    }
 
     def model_class(self) -> type:
         from transformers import AutoModel
@@ -61,11 +99,36 @@ class InternVL2Adapter(VLMAdapter):
                 pad_token="<pad>",
             )
         model.img_context_token_id = self.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+        self.conversation = self.own_conversation(model)
+        if pretrained is not None and restore_rotary_buffers(model, self.dtype):
+            self.mends.append(ROTARY_MEND)
+        if add_legacy_generation(model.language_model):
+            self.mends.append(GENERATION_MEND)
         self.image_processor = GotOcr2ImageProcessor(
             crop_to_patches=True, min_patches=1, max_patches=self.max_tiles,
             size={"height": self.tile, "width": self.tile},
             image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
         )
+
+    @staticmethod
+    def own_conversation(model: nn.Module) -> Any:
+        """The checkpoint's conversation template with its default system message (what
+        `chat` uses), or None for code without one."""
+        template = getattr(model, "conv_template", None)
+        if template is None:
+            return None
+        template = copy.deepcopy(template)
+        template.system_message = model.system_message
+        return template
+
+    def prompt_text(self, prompt: str) -> str:
+        """The model's prompt for one image and `prompt`, with `<image>` where the tiles go."""
+        if self.conversation is None:
+            return TEMPLATE.format(prompt=prompt)
+        template = copy.deepcopy(self.conversation)
+        template.append_message(template.roles[0], f"<image>\n{prompt}")
+        template.append_message(template.roles[1], None)
+        return template.get_prompt()
 
     def tiles(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """(rows, cols) of the tile canvas for an image of `image_size` (H, W)."""
@@ -95,11 +158,12 @@ class InternVL2Adapter(VLMAdapter):
 
     def prepare(self, images: np.ndarray, device: torch.device) -> dict[str, Any]:
         pixel_values, n_tiles = self.tile_pixels(images)
-        image = "<IMG_CONTEXT>" * (self.tokens_per_tile * n_tiles)
-        text = TEMPLATE.format(image=image, prompt=self.prompt)
+        image = "<img>" + "<IMG_CONTEXT>" * (self.tokens_per_tile * n_tiles) + "</img>"
+        text = self.prompt_text(self.prompt).replace("<image>", image, 1)
         tokens = self.tokenizer([text] * len(images), return_tensors="pt", padding=True)
         return {
-            "pixel_values": pixel_values.to(device),
+            # The published vision embeddings do not cast: pixels come in the model's dtype.
+            "pixel_values": pixel_values.to(device, self.dtype),
             "input_ids": tokens["input_ids"].to(device),
             "attention_mask": tokens["attention_mask"].to(device),
             "image_flags": torch.ones(len(pixel_values), dtype=torch.long, device=device),
@@ -107,15 +171,26 @@ class InternVL2Adapter(VLMAdapter):
 
     def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
                max_new_tokens: int, device: torch.device) -> list[str]:
-        # The remote code's own `batch_chat` applies the checkpoint's chat template and expands
-        # `<image>` into <img>, the IMG_CONTEXT tokens of every tile, </img>.
+        # What the published `batch_chat` does (the checkpoint's conversation template, the
+        # IMG_CONTEXT tokens of every tile, the model's own `generate`, stop at the template's
+        # separator), without its hard-coded `.cuda()` (release-period code), so it runs on
+        # any device.
         pixel_values, n_tiles = self.tile_pixels(images)
-        return model.batch_chat(
-            self.tokenizer, pixel_values.to(device, model.dtype),
-            [f"<image>\n{p}" for p in prompts],
-            {"max_new_tokens": max_new_tokens, "do_sample": False},
-            num_patches_list=[n_tiles] * len(images),
+        image = "<img>" + "<IMG_CONTEXT>" * (self.tokens_per_tile * n_tiles) + "</img>"
+        queries = [self.prompt_text(p).replace("<image>", image, 1) for p in prompts]
+        tokens = self.tokenizer(queries, return_tensors="pt", padding=True,
+                                padding_side="left")
+        separator = (self.conversation.sep if self.conversation is not None
+                     else "<|im_end|>").strip()
+        output = model.generate(
+            pixel_values=pixel_values.to(device, self.dtype),
+            input_ids=tokens["input_ids"].to(device),
+            attention_mask=tokens["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=self.tokenizer.convert_tokens_to_ids(separator),
         )
+        answers = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [a.split(separator)[0] for a in answers]
 
     def image_token_index(self, inputs: dict[str, Any]) -> torch.Tensor:
         context_id = self.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")

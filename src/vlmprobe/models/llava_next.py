@@ -4,7 +4,8 @@ Point kinds: `vision` (the CLIP layer the model feeds its projector, `vision_fea
 `projector` (after the MLP projector) and `llm`. Every point stores two grids: the base image
 (one crop resized whole) and the high-resolution crops stitched and unpadded exactly as the
 model packs them. The LLM's `image_newline` tokens (one after each high-res row) are not image
-regions and are dropped. It answers questions but has no grounding output format.
+regions and are dropped. It answers questions but has no grounding output format. Point
+modules, layer checks and loading are the llava family's (llava.py).
 """
 
 from __future__ import annotations
@@ -12,55 +13,26 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlmprobe.extract.geometry import Grid, TokenGeometry
-from vlmprobe.models.registry import RegistryError
-from vlmprobe.models.vlm import (
-    ProcessorVLMAdapter,
-    offline_tokenizer,
-    prompt_words,
-    token_positions,
-)
+from vlmprobe.models.llava import LlavaAdapter
+from vlmprobe.models.vlm import offline_tokenizer, prompt_words, token_positions
 
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 
-class LlavaNextAdapter(ProcessorVLMAdapter):
+class LlavaNextAdapter(LlavaAdapter):
     template = TEMPLATE
-    point_kinds = ("vision", "projector", "llm")
+    feature_select_strategy = "default"  # CLIP's CLS token dropped
 
     def model_class(self) -> type:
         from transformers import LlavaNextForConditionalGeneration
 
         return LlavaNextForConditionalGeneration
 
-    def layer_counts(self, config: Any) -> dict[str, int]:
-        if config.vision_feature_select_strategy != "default" or not isinstance(
-            config.vision_feature_layer, int
-        ):
-            raise RegistryError(
-                f"model {self.entry.name!r}: vision_feature_select_strategy "
-                f"{config.vision_feature_select_strategy!r} / vision_feature_layer "
-                f"{config.vision_feature_layer!r} are not supported; vlmprobe handles one "
-                f"feature layer with the CLS token dropped ('default')."
-            )
-        return {"vision": config.vision_config.num_hidden_layers,
-                "llm": config.text_config.num_hidden_layers}
+    def offline_processor(self) -> Any:
+        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.language_model.layers
-
-    def setup(self, model: nn.Module, pretrained: tuple[str, dict[str, Any]] | None) -> None:
-        from transformers import AutoProcessor, LlavaNextImageProcessor, LlavaNextProcessor
-
-        self.config = model.config
-        if pretrained is not None:
-            location, kwargs = pretrained
-            self.processor = AutoProcessor.from_pretrained(
-                location, revision=kwargs.get("revision")
-            )
-            return
         vision = self.config.vision_config
         side = vision.image_size
         tokenizer = offline_tokenizer(
@@ -68,7 +40,7 @@ class LlavaNextAdapter(ProcessorVLMAdapter):
             prompt_words(TEMPLATE.format(prompt=self.prompt).replace("<image>", "")),
             pad_token="<pad>",
         )
-        self.processor = LlavaNextProcessor(
+        return LlavaNextProcessor(
             image_processor=LlavaNextImageProcessor(
                 size={"shortest_edge": side},
                 crop_size={"height": side, "width": side},
@@ -76,19 +48,9 @@ class LlavaNextAdapter(ProcessorVLMAdapter):
             ),
             tokenizer=tokenizer,
             patch_size=vision.patch_size,
-            vision_feature_select_strategy="default",
+            vision_feature_select_strategy=self.feature_select_strategy,
             num_additional_image_tokens=1,  # the CLS token the model drops
         )
-
-    def point_module(self, model: nn.Module, point: str) -> nn.Module:
-        kind = self.entry.points[point]["kind"]
-        if kind == "vision":
-            tower = model.model.vision_tower
-            tower = getattr(tower, "vision_model", tower)  # CLIP in 5.x has no such level
-            return tower.encoder.layers[self.config.vision_feature_layer]
-        if kind == "projector":
-            return model.model.multi_modal_projector
-        return self.llm_module(model, point)
 
     def _grids(self, image_size: tuple[int, int]) -> tuple[int, tuple[int, int], tuple[int, int]]:
         """Base grid side, the crop layout (rows, cols) and the unpadded high-res grid shape."""
@@ -98,7 +60,7 @@ class LlavaNextAdapter(ProcessorVLMAdapter):
         )
 
         vision = self.config.vision_config
-        side = vision.image_size // vision.patch_size
+        side = self.grid_side()
         rows, cols = get_anyres_image_grid_shape(
             list(image_size), self.config.image_grid_pinpoints, vision.image_size
         )

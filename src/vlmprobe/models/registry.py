@@ -8,22 +8,33 @@ the others.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+import os
+import re
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from vlmprobe.params import NAME
+
 if TYPE_CHECKING:
     from vlmprobe.models.base import ModelAdapter
 
 ENTRIES_DIR = Path(__file__).parent / "entries"
+# Users' own entries (e.g. their checkpoints), beside the package's, without editing the package.
+ENTRIES_DIR_VARIABLE = "VLMPROBE_ENTRIES_DIR"
+# Hub revisions pinned by `vlmprobe pin`, in the project (stages run in its root): the installed
+# package's entry files stay as published.
+PINS_FILE = "pins.yaml"
+REVISION = re.compile(r"^[0-9a-f]{40}$")  # a hub commit sha (as vlmprobe.models.base checks)
 
 FAMILIES: dict[str, str] = {
     "dinov2": "vlmprobe.models.dinov2:Dinov2Adapter",
     "pixels": "vlmprobe.models.pixels:PixelsAdapter",
     "qwen2_5_vl": "vlmprobe.models.qwen2_5_vl:Qwen25VLAdapter",
+    "llava": "vlmprobe.models.llava:LlavaAdapter",
     "llava_next": "vlmprobe.models.llava_next:LlavaNextAdapter",
     "internvl2": "vlmprobe.models.internvl2:InternVL2Adapter",
     "cogvlm2": "vlmprobe.models.cogvlm2:CogVLM2Adapter",
@@ -48,6 +59,15 @@ class RegistryEntry:
 _REQUIRED = ("family", "display_name", "points", "weights")
 
 
+def entry_name(path: Path) -> str:
+    """An entry's name, its file's stem: a plain identifier, as params name entries and the
+    names become parts of output paths (see `vlmprobe.params.NAME`)."""
+    if not NAME.fullmatch(path.stem):
+        raise RegistryError(f"{path}: an entry's file name must be a plain identifier (letters, "
+                            "digits, _). Fix: rename the file.")
+    return path.stem
+
+
 def _parse_entry(path: Path) -> RegistryEntry:
     raw = yaml.safe_load(path.read_text()) or {}
     missing = [k for k in _REQUIRED if k not in raw]
@@ -62,7 +82,7 @@ def _parse_entry(path: Path) -> RegistryEntry:
         raise RegistryError(f"{path}: `points` must be a non-empty mapping of point id -> locator")
     options = {k: v for k, v in raw.items() if k not in (*_REQUIRED, "name")}
     return RegistryEntry(
-        name=path.stem,
+        name=entry_name(path),
         family=raw["family"],
         display_name=raw["display_name"],
         points={str(k): dict(v or {}) for k, v in points.items()},
@@ -72,17 +92,79 @@ def _parse_entry(path: Path) -> RegistryEntry:
     )
 
 
+def entry_dirs() -> list[Path]:
+    """The package's entries folder, then the folder $VLMPROBE_ENTRIES_DIR names, if set."""
+    extra = os.environ.get(ENTRIES_DIR_VARIABLE)
+    if not extra:
+        return [ENTRIES_DIR]
+    folder = Path(extra).resolve()
+    if not folder.is_dir():
+        raise RegistryError(f"{ENTRIES_DIR_VARIABLE}={extra!r} is not a folder. Fix: point it at "
+                            "a folder of entry YAML files, or unset it.")
+    return [ENTRIES_DIR, folder]
+
+
+def read_pins(pins_file: Path) -> dict[str, str]:
+    """Entry name -> pinned 40-hex revision, from a pins file (`{name: {revision: sha}}`)."""
+    if not pins_file.exists():
+        return {}
+    raw = yaml.safe_load(pins_file.read_text()) or {}
+    pins = {}
+    for name, pin in (raw.items() if isinstance(raw, dict) else [(None, raw)]):
+        revision = pin.get("revision") if isinstance(pin, dict) else None
+        if not isinstance(revision, str) or not REVISION.fullmatch(revision):
+            raise RegistryError(
+                f"{pins_file}: entry {name!r} must be `{{revision: <40-hex commit>}}`, got "
+                f"{pin!r}. Fix: `vlmprobe pin {name}` where a hub is reachable, or delete it."
+            )
+        pins[str(name)] = revision
+    return pins
+
+
+def apply_pins(known: dict[str, RegistryEntry], pins: dict[str, str],
+               pins_file: Path) -> dict[str, RegistryEntry]:
+    """`known` with each pinned hub entry's `weights.revision` replaced by its pin; the weights
+    record where the revision came from (`pinned_in`), so provenance shows it."""
+    pinned = dict(known)
+    for name, revision in pins.items():
+        entry = known.get(name)
+        if entry is None or entry.weights.get("source") != "hub":
+            hub = sorted(n for n, e in known.items() if e.weights.get("source") == "hub")
+            raise RegistryError(
+                f"{pins_file}: pins {name!r}, which is not a hub entry. Hub entries: "
+                f"{', '.join(hub)}. Fix: remove {name!r} from {pins_file}."
+            )
+        # The file name only: provenance must not differ between machines.
+        weights = {**entry.weights, "revision": revision, "pinned_in": pins_file.name}
+        pinned[name] = replace(entry, weights=weights)
+    return pinned
+
+
 @cache
 def entries() -> dict[str, RegistryEntry]:
-    return {p.stem: _parse_entry(p) for p in sorted(ENTRIES_DIR.glob("*.yaml"))}
+    """Every entry: the package's and $VLMPROBE_ENTRIES_DIR's, with the project's pins applied
+    (from `pins.yaml` in the current directory, the project root where stages run)."""
+    known: dict[str, RegistryEntry] = {}
+    for folder in entry_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            if path.stem in known:
+                raise RegistryError(
+                    f"{path}: entry {path.stem!r} is already defined by {known[path.stem].path}. "
+                    "Fix: rename the file."
+                )
+            known[path.stem] = _parse_entry(path)
+    pins_file = Path.cwd() / PINS_FILE
+    return apply_pins(known, read_pins(pins_file), pins_file)
 
 
-def get_entry(name: str) -> RegistryEntry:
+def get_entry(name: str, key: str = "vlm") -> RegistryEntry:
+    """The entry `name`, which the param `key` names (for the fix in the error)."""
     known = entries()
     if name not in known:
         raise RegistryError(
             f"unknown model {name!r}. Registered models: {', '.join(sorted(known))}. "
-            f"Fix: `dvc exp run -S vlm=<one of those>`, or add {ENTRIES_DIR}/{name}.yaml."
+            f"Fix: `dvc exp run -S {key}=<one of those>`, or add {name}.yaml to "
+            f"{ENTRIES_DIR} or to the folder ${ENTRIES_DIR_VARIABLE} names."
         )
     return known[name]
 
@@ -93,7 +175,9 @@ def select_points(entry: RegistryEntry, requested: str | list[str]) -> list[str]
         return list(entry.points)
     if not isinstance(requested, list) or not requested:
         raise RegistryError(
-            f"extract.points must be 'all' or a list of point ids; got {requested!r}"
+            f"extract.points = {requested!r} must be 'all' or a non-empty list of point ids of "
+            f"model {entry.name!r}: {', '.join(entry.points)}. "
+            f"Fix: `dvc exp run -S extract.points=all`."
         )
     unknown = [p for p in requested if p not in entry.points]
     if unknown:

@@ -30,10 +30,13 @@ from vlmprobe.models.base import (
     ModelAdapter,
     WeightsUnavailable,
     dtype_for,
+    hub_lacks_revision,
     remote_code_kwargs,
     resolve_pretrained,
     safetensors_kwargs,
+    unknown_revision,
 )
+from vlmprobe.models.published_code import class_with_post_init, mends_of
 from vlmprobe.models.registry import RegistryError
 
 PACKAGE_DIR = Path(__file__).parent
@@ -120,6 +123,12 @@ class VLMAdapter(ModelAdapter):
     generates = True
     remote_code: ClassVar[bool] = False
     point_kinds: ClassVar[tuple[str, ...]] = ("llm",)
+    # What `vlmprobe doctor` changes in a checkpoint's config to shrink it (merged key by key):
+    # sizes and depths only, so the code runs as published on a CPU in seconds.
+    tiny_config: ClassVar[dict[str, Any]] = {}
+    # Where the config holds the LLM's vocabulary size (shrunk to a small tokenizer's length),
+    # or None where the code needs the full vocabulary.
+    vocab_size_key: ClassVar[tuple[str, ...] | None] = None
 
     # -- family-specific -------------------------------------------------------------------
     @abstractmethod
@@ -157,6 +166,10 @@ class VLMAdapter(ModelAdapter):
             answers = self.answer(model, images, prompts, max_new_tokens, device)
         return [a.strip() for a in answers]
 
+    def save_preprocessing(self, directory: Path) -> None:
+        """Save the tokenizer (or processor) `setup` built, as a checkpoint ships it."""
+        (getattr(self, "processor", None) or self.tokenizer).save_pretrained(str(directory))
+
     @property
     def prompt(self) -> str:
         return str(self.entry.options.get("prompt", DEFAULT_PROMPT))
@@ -192,6 +205,8 @@ class VLMAdapter(ModelAdapter):
         try:
             return AutoConfig.from_pretrained(location, **extra, **kwargs)
         except OSError as e:
+            if hub_lacks_revision(e):
+                raise unknown_revision(self.entry) from e
             raise WeightsUnavailable(
                 f"model {self.entry.name!r}: no config for {location!r} "
                 f"{extra.get('revision', '')} offline ({e}). Fix: put the checkpoint in the hub "
@@ -219,27 +234,34 @@ class VLMAdapter(ModelAdapter):
                     f"-1 for the last). Valid points of this entry: {', '.join(self.entry.points)}."
                 )
 
-    def load(self, project_root: Path, device: torch.device) -> nn.Module:
+    def load(self, project_root: Path, device: torch.device,
+             dtype: torch.dtype | None = None) -> nn.Module:
         config = self.model_config(project_root)
-        dtype = dtype_for(device)
+        self.dtype = dtype or dtype_for(device)
+        self.mends: list[str] = []  # what vlmprobe changed around published code, for provenance
         if self._source() == "random":
             torch.manual_seed(int(self.entry.weights.get("seed", 0)))
             extra = {"trust_remote_code": True} if self.remote_code else {}
             with torch.device(device):
                 if self.remote_code:
-                    model = self.model_class().from_config(config, dtype=dtype, **extra)
+                    model = self.model_class().from_config(config, dtype=self.dtype, **extra)
                 else:
-                    model = self.model_class()._from_config(config, dtype=dtype)
+                    model = self.model_class()._from_config(config, dtype=self.dtype)
             pretrained = None
         else:
             location, extra = resolve_pretrained(self.entry, project_root)
+            model_class = self.model_class()
             if self.remote_code:
-                extra.update(remote_code_kwargs(self.entry, location))
+                extra.update(remote_code_kwargs(self.entry, location))  # or refuses the code
+                model_class = self.published_class(config, location, extra)
             try:
-                model = self.model_class().from_pretrained(
-                    location, config=config, dtype=dtype, **extra, **safetensors_kwargs(self.entry)
+                model = model_class.from_pretrained(
+                    location, config=config, dtype=self.dtype, **extra,
+                    **safetensors_kwargs(self.entry)
                 )
             except OSError as e:
+                if hub_lacks_revision(e):
+                    raise unknown_revision(self.entry) from e
                 raise WeightsUnavailable(
                     f"model {self.entry.name!r}: cannot load weights of {location!r} "
                     f"{extra.get('revision', '')} ({e}). Only safetensors weights load unless "
@@ -247,12 +269,24 @@ class VLMAdapter(ModelAdapter):
                     f"in the hub cache (HF_HUB_CACHE) or point a `source: local` entry at it."
                 ) from e
             model = model.to(device)
+            self.mends += mends_of(model)
             pretrained = (location, extra)
         self.setup(model, pretrained)
         return model.eval()
 
+    def published_class(self, config: Any, location: str, extra: dict[str, Any]) -> type:
+        """The checkpoint's own model class (its remote code), with `post_init` made sure of:
+        the code of some releases never calls it, and transformers 5.x needs what it sets."""
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        reference = config.auto_map[self.model_class().__name__]
+        cls = get_class_from_dynamic_module(reference, location, revision=extra.get("revision"))
+        return class_with_post_init(cls)
+
     def weights_provenance(self, project_root: Path) -> dict[str, Any]:
         record = {k: v for k, v in self.entry.weights.items() if k != "config"}
+        if getattr(self, "mends", None):
+            record["published_code_mends"] = list(self.mends)
         if self._source() == "random":
             record["label"] = "RANDOM WEIGHTS (architecture only; no trained model)"
         return record
@@ -282,11 +316,13 @@ class ProcessorVLMAdapter(VLMAdapter):
     template: ClassVar[str]  # the family's prompt around {prompt}, with its image placeholder
 
     def prepare(self, images: np.ndarray, device: torch.device) -> dict[str, Any]:
-        text = self.template.format(prompt=self.prompt)
+        # The prompt the model sees in use: its chat template, default system turn included.
+        text = chat_text(self.processor, self.prompt, self.template)
         inputs = self.processor(
             text=[text] * len(images), images=list(images), return_tensors="pt", padding=True
         )
-        return {k: v.to(device) for k, v in inputs.items()}
+        return {k: v.to(device, self.dtype) if v.is_floating_point() else v.to(device)
+                for k, v in inputs.items()}
 
     def answer(self, model: nn.Module, images: np.ndarray, prompts: list[str],
                max_new_tokens: int, device: torch.device) -> list[str]:

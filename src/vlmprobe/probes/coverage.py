@@ -18,7 +18,14 @@ from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry, region_coverage
 from vlmprobe.metrics.boxes import bootstrap_ci, matched_iou, ratio_of_sums
 from vlmprobe.metrics.coco_map import coco_map, load_coco
-from vlmprobe.probes.detection import Detections, class_ids, coco_detections
+from vlmprobe.probes.detection import (
+    Detections,
+    NonFiniteDetections,
+    class_ids,
+    coco_detections,
+    invalid_result,
+    require_finite_predictions,
+)
 from vlmprobe.probes.ridge import LinearMap, fit_ridge_path
 
 
@@ -105,14 +112,24 @@ def run_bbox_probe(
     """Fit on train, choose the penalty and threshold on val, report on test.
 
     features[split]: (N, T, D) tokens; targets[split]: (N, T, C) coverage from the masks.
+    Non-finite predicted coverage is an error of this probe: such a penalty is never chosen,
+    and if every penalty or the test prediction is non-finite the metrics are only
+    `bbox_invalid` (the reason). Decoding would hide it (NaN > threshold is False).
     """
     train_x = features["train"].reshape(-1, features["train"].shape[-1])
     train_y = targets["train"].reshape(-1, targets["train"].shape[-1])
     fits = fit_ridge_path(train_x, train_y, settings.alphas)
 
     best: tuple[float, float, float] | None = None  # (val score, alpha, threshold)
+    failed = ""  # why the last penalty that could not be scored was not
     for alpha, linear in fits.items():
         predicted = _predict(linear, features["val"])
+        try:
+            require_finite_predictions(f"bbox validation coverage (alpha {alpha})",
+                                       {"coverage": list(predicted)})
+        except NonFiniteDetections as e:
+            failed = str(e)
+            continue
         for threshold in settings.thresholds:
             sums, denoms, _ = score_split(
                 predicted, splits["val"], geometry, threshold, settings.min_component_px
@@ -120,10 +137,17 @@ def run_bbox_probe(
             score = ratio_of_sums(sums, denoms)
             if best is None or score > best[0]:
                 best = (score, alpha, threshold)
+    if best is None:
+        return invalid_result("bbox", f"no ridge penalty gave finite coverage; the last: "
+                                      f"{failed}")
     val_score, alpha, threshold = best
 
     test = splits["test"]
     predicted = _predict(fits[alpha], features["test"])
+    try:
+        require_finite_predictions("bbox test coverage", {"coverage": list(predicted)})
+    except NonFiniteDetections as e:
+        return invalid_result("bbox", str(e))
     sums, denoms, detections = score_split(
         predicted, test, geometry, threshold, settings.min_component_px
     )

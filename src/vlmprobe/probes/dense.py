@@ -29,11 +29,16 @@ from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.probes.detection import (
     Detections,
+    NonFiniteDetections,
     Targets,
     class_ids,
+    curve_values,
     detection_scores,
+    invalid_result,
     map50,
     mirror_targets,
+    no_detections,
+    require_finite_predictions,
     split_targets,
 )
 from vlmprobe.probes.training import (
@@ -167,6 +172,10 @@ def predict(model: DenseHead, tokens: torch.Tensor, geometry: TokenGeometry, fra
         logits, centre_logit, ltrb = model(tokens[s : s + batch_size], geometry)
         scores = torch.sqrt(logits.sigmoid() * centre_logit.sigmoid()[..., None])
         boxes = frame.decode(ltrb) * scale
+        # Checked before the score floor: NaN > floor is False, so NaN scores would vanish
+        # silently and a diverged head would read as one that found nothing.
+        require_finite_predictions("dense head outputs", {"scores": list(scores),
+                                                          "boxes": list(boxes)})
         for score, box in zip(scores, boxes, strict=True):
             token, cls = torch.nonzero(score > SCORE_FLOOR, as_tuple=True)
             kept_scores = score[token, cls]
@@ -208,7 +217,8 @@ def train_dense_head(
     settings: DenseSettings,
     curves_dir: Path,
 ) -> DenseDetector:
-    """Train on the train split, keep the checkpoint with the best val mAP@0.5."""
+    """Train on the train split, keep the checkpoint with the best val mAP@0.5 among those
+    whose detections are finite; raise NonFiniteDetections if there is none."""
     ids = class_ids(splits["train"])
     standardize = Standardizer(features["train"])
     x = {name: standardize(features[name]) for name in ("train", "val")}
@@ -227,6 +237,7 @@ def train_dense_head(
         curves = Curves(curves_dir)
         best = (-1.0, None, 0)
         running = 0.0
+        diverged = ""  # why the last checkpoint that could not be scored was not
         progress = tqdm(
             enumerate(batches(len(targets), settings.batch_size, settings.steps, generator)),
             total=settings.steps, desc="dense", unit="step", mininterval=5,
@@ -249,12 +260,19 @@ def train_dense_head(
             schedule.step()
             running += loss.item()
             if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
-                val = map50(splits["val"], predict(model, x["val"], geometry, frame, ids))
-                curves.log(step + 1, train_loss=running / settings.eval_every, val_map50=val)
+                try:
+                    val = map50(splits["val"], predict(model, x["val"], geometry, frame, ids))
+                except NonFiniteDetections as e:
+                    val, diverged = None, f"step {step + 1}: {e}"
+                curves.log(step + 1, **curve_values(
+                    train_loss=running / settings.eval_every, val_map50=val))
                 running = 0.0
-                if val > best[0]:
+                if val is not None and val > best[0]:
                     best = (val, copy.deepcopy(model.state_dict()), step + 1)
         curves.close()
+        if best[1] is None:
+            raise NonFiniteDetections(
+                f"no checkpoint gave finite validation detections; the last, {diverged}")
         model.load_state_dict(best[1])
     return DenseDetector(model, standardize, geometry, ids, settings, best[0], best[2])
 
@@ -267,12 +285,16 @@ def run_dense_probe(
     curves_dir: Path,
 ) -> tuple[dict, list[Detections]]:
     """Train on train, pick the checkpoint by val mAP@0.5, report test `dense_map50`,
-    `dense_map` (+ CIs). Returns the metrics and the test detections."""
-    detector = train_dense_head(features, splits, geometry, settings, curves_dir)
-    test_found = detector.detect(features["test"])
-    metrics = detection_scores(
-        splits["test"], test_found, "dense_", settings.bootstrap, settings.seed
-    )
+    `dense_map` (+ CIs). Returns the metrics and the test detections; a head whose
+    detections are not finite gives only `dense_invalid` (the reason) and no detections."""
+    try:
+        detector = train_dense_head(features, splits, geometry, settings, curves_dir)
+        test_found = detector.detect(features["test"])
+        metrics = detection_scores(
+            splits["test"], test_found, "dense_", settings.bootstrap, settings.seed
+        )
+    except NonFiniteDetections as e:
+        return invalid_result("dense", str(e)), no_detections(len(features["test"]))
     metrics["dense_val_map50"] = detector.val_map50
     metrics["dense_selected_step"] = detector.selected_step
     return metrics, test_found

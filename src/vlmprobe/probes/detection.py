@@ -1,4 +1,9 @@
-"""What the detection probes share: detections, ground truth as tensors, mAP scoring."""
+"""What the detection probes share: detections, ground truth as tensors, mAP scoring.
+
+A head that diverged gives NaN or inf boxes or scores; pycocotools would count NaN boxes as
+hits (`iou < threshold` is False for NaN), so such detections are never scored: the probe's
+result is marked invalid with the reason (`invalid_result`) instead.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 from vlmprobe.data.dataset import Split
 from vlmprobe.metrics.boxes import xyxy_to_xywh
 from vlmprobe.metrics.coco_map import coco_map, coco_map_ci, load_coco
+from vlmprobe.metrics.finite import describe_nonfinite, nonfinite_counts
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,56 @@ class Targets:
 
     boxes: torch.Tensor  # (K, 4) xyxy in [0, 1]
     classes: torch.Tensor  # (K,) class index into the split's categories
+
+
+class NonFiniteDetections(ValueError):
+    """A detection probe predicted NaN or inf boxes, scores or coverage: that probe failed."""
+
+
+def require_finite_predictions(what: str, arrays: dict[str, list[np.ndarray]]) -> None:
+    """Raise NonFiniteDetections if any of `arrays` (a name -> one array per image) holds a
+    NaN or inf, with the counts, the number of images affected and what it means."""
+    problems, bad_images, n_images = [], set(), 0
+    for name, per_image in arrays.items():
+        n_images = max(n_images, len(per_image))
+        totals = np.zeros(3, dtype=np.int64)
+        for i, values in enumerate(per_image):
+            counts = nonfinite_counts(values)
+            if counts[0] or counts[1]:
+                bad_images.add(i)
+            totals += counts
+        if totals[0] or totals[1]:
+            problems.append(f"{describe_nonfinite(*totals.tolist())} in {name}")
+    if problems:
+        raise NonFiniteDetections(
+            f"{what}: {'; '.join(problems)} ({len(bad_images)} of {n_images} images). The "
+            "probe's head diverged (or its input was non-finite), so these are not scored: "
+            "pycocotools would count NaN boxes as hits. Fix: a lower `lr` or fewer `steps` "
+            "for this probe in params.yaml, and check its training curves."
+        )
+
+
+def require_finite_detections(detections: list[Detections], what: str) -> None:
+    require_finite_predictions(what, {"boxes": [d.boxes for d in detections],
+                                      "scores": [d.scores for d in detections]})
+
+
+def invalid_result(probe: str, reason: str) -> dict:
+    """The metrics of a probe that failed: its reason under `<probe>_invalid`, and no number
+    under any of its metric keys (so nothing downstream can take one as a result)."""
+    return {f"{probe}_invalid": reason}
+
+
+def curve_values(**values: float | None) -> dict[str, float]:
+    """The values that get a point on a training curve: a diverged loss (NaN) or a checkpoint
+    that could not be scored (None) is left out, so no non-finite number is logged."""
+    return {k: v for k, v in values.items() if v is not None and np.isfinite(v)}
+
+
+def no_detections(n_images: int) -> list[Detections]:
+    """Empty detections per image: what a failed probe hands the figures."""
+    empty = Detections(np.zeros((0, 4)), np.zeros(0, dtype=np.int64), np.zeros(0))
+    return [empty] * n_images
 
 
 def class_ids(split: Split) -> list[int]:
@@ -63,7 +119,11 @@ def coco_detections(split: Split, detections: list[Detections]) -> list[dict]:
 def detection_scores(
     split: Split, detections: list[Detections], prefix: str, n_boot: int, seed: int
 ) -> dict:
-    """`<prefix>map50`, `<prefix>map` and their `_ci95` bootstrap intervals (pycocotools)."""
+    """`<prefix>map50`, `<prefix>map` and their `_ci95` bootstrap intervals (pycocotools).
+
+    Raises NonFiniteDetections if a box or score is NaN or inf.
+    """
+    require_finite_detections(detections, "test detections")
     result = coco_map_ci(
         load_coco(split.coco_path), coco_detections(split, detections), split.image_ids,
         n_boot, seed,
@@ -72,6 +132,10 @@ def detection_scores(
 
 
 def map50(split: Split, detections: list[Detections]) -> float:
-    """mAP@0.5 alone, no interval: for choosing checkpoints on the validation split."""
+    """mAP@0.5 alone, no interval: for choosing checkpoints on the validation split.
+
+    Raises NonFiniteDetections if a box or score is NaN or inf.
+    """
+    require_finite_detections(detections, "validation detections")
     return coco_map(load_coco(split.coco_path), coco_detections(split, detections),
                     split.image_ids)["map50"]

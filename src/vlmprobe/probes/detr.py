@@ -33,11 +33,16 @@ from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.probes.detection import (
     Detections,
+    NonFiniteDetections,
     Targets,
     class_ids,
+    curve_values,
     detection_scores,
+    invalid_result,
     map50,
     mirror_targets,
+    no_detections,
+    require_finite_predictions,
     split_targets,
 )
 from vlmprobe.probes.training import (
@@ -195,6 +200,9 @@ def hungarian(logits: torch.Tensor, boxes: torch.Tensor, target: Targets):
     """Query and object indices of the minimum-cost matching for one image."""
     if len(target.classes) == 0:
         return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    # A diverged head: scipy would fail on the NaN costs with no word of why.
+    require_finite_predictions("DETR head outputs in training",
+                               {"class logits": [logits], "boxes": [boxes]})
     xyxy = cxcywh_to_xyxy(boxes)
     cost = (
         W_CLASS * focal_costs(logits)[:, target.classes]
@@ -256,7 +264,10 @@ def run_detr_probe(
 ) -> tuple[dict, list[Detections]]:
     """Train on train, pick the checkpoint by val mAP@0.5, report test `map50`, `map` (+ CIs).
 
-    Returns the metrics and the test detections (for figures).
+    Returns the metrics and the test detections (for figures). A head whose detections are
+    not finite is an error of this probe: its checkpoints are never selected, and if no
+    checkpoint or the test detections are not finite, the metrics are only `detr_invalid`
+    (the reason) and the detections empty.
     """
     ids = class_ids(splits["train"])
     standardize = Standardizer(features["train"])
@@ -273,6 +284,8 @@ def run_detr_probe(
         curves = Curves(curves_dir)
         best = (-1.0, None, 0)  # (val map50, state, step)
         running = 0.0
+        diverged = ""  # why the last checkpoint that could not be scored was not
+        stopped = ""  # why training stopped early, if it did
         progress = tqdm(
             enumerate(batches(len(targets), settings.batch_size, settings.steps, generator)),
             total=settings.steps, desc="detr", unit="step", mininterval=5,
@@ -285,8 +298,12 @@ def run_detr_probe(
                 tokens = torch.where(flip[:, None, None], tokens[:, mirror], tokens)
                 batch_targets = [mirror_targets(t) if f else t
                                  for t, f in zip(batch_targets, flip.tolist(), strict=True)]
-            loss = sum(set_loss(logits, boxes, batch_targets)
-                       for logits, boxes in model(tokens, token_pos))
+            try:
+                loss = sum(set_loss(logits, boxes, batch_targets)
+                           for logits, boxes in model(tokens, token_pos))
+            except NonFiniteDetections as e:  # diverged: the best earlier checkpoint stands
+                diverged = stopped = f"step {step + 1}: {e}"
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -295,17 +312,30 @@ def run_detr_probe(
             running += loss.item()
             if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
                 found = predict(model, x["val"], token_pos, geometry.image_size, ids)
-                val = map50(splits["val"], found)
-                curves.log(step + 1, train_loss=running / settings.eval_every, val_map50=val)
+                try:
+                    val = map50(splits["val"], found)
+                except NonFiniteDetections as e:
+                    val, diverged = None, f"step {step + 1}: {e}"
+                curves.log(step + 1, **curve_values(
+                    train_loss=running / settings.eval_every, val_map50=val))
                 running = 0.0
-                if val > best[0]:
+                if val is not None and val > best[0]:
                     best = (val, copy.deepcopy(model.state_dict()), step + 1)
         curves.close()
+        if best[1] is None:
+            return (invalid_result("detr", f"no checkpoint gave finite validation detections; "
+                                           f"the last, {diverged}"),
+                    no_detections(len(x["test"])))
         model.load_state_dict(best[1])
         test_found = predict(model, x["test"], token_pos, geometry.image_size, ids)
-    metrics = detection_scores(
-        splits["test"], test_found, "", settings.bootstrap, settings.seed
-    )
+    try:
+        metrics = detection_scores(
+            splits["test"], test_found, "", settings.bootstrap, settings.seed
+        )
+    except NonFiniteDetections as e:
+        return invalid_result("detr", str(e)), no_detections(len(test_found))
     metrics["val_map50"] = best[0]
     metrics["detr_selected_step"] = best[2]
+    if stopped:
+        metrics["detr_stopped"] = f"training stopped when the head diverged at {stopped}"
     return metrics, test_found

@@ -17,6 +17,7 @@ import numpy as np
 from vlmprobe.data.dataset import Split
 from vlmprobe.data.shapes import PALETTE
 from vlmprobe.metrics.boxes import bootstrap_ci, box_iou_matrix
+from vlmprobe.metrics.finite import require_finite
 
 # Names of the shapes dataset's palette colours, in PALETTE order.
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple")
@@ -95,6 +96,8 @@ def parse_box(text: str, box_format: str, image_size: tuple[int, int]) -> np.nda
         box = _json_bbox(text)
         if box is None:
             return None
+    if not np.isfinite(box).all():  # JSON admits NaN and Infinity: malformed, so a miss
+        return None
     box = np.clip(box, 0, [w, h, w, h])
     if box[2] <= box[0] or box[3] <= box[1]:
         return None
@@ -122,6 +125,7 @@ def grouped_ratio(values: list[float], images: list[int], n_boot: int, seed: int
                   name: str) -> dict:
     """`name`: the mean of `values`; `name_ci95`: its bootstrap interval resampling images (the
     questions about one image are not independent)."""
+    require_finite(f"grouped_ratio({name} values)", values)
     values_arr = np.asarray(values, dtype=float)
     _, group = np.unique(np.asarray(images), return_inverse=True)
     sums = np.bincount(group, weights=values_arr) if len(values_arr) else np.zeros(0)

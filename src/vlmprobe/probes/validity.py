@@ -27,6 +27,11 @@ def probe_validity(probe: str, controls: dict[str, dict], band: Band) -> dict:
     metric, positive, negative = CONTROLLED[probe]
     pos = controls.get(positive, {}).get(metric)
     neg = controls.get(negative, {}).get(metric)
+    # A control on which the probe itself failed (e.g. non-finite boxes) carries the reason
+    # under `<probe>_invalid` and no metric: the probe is broken there, not merely not run.
+    failed = {name: controls.get(name, {}).get(f"{probe}_invalid")
+              for name in (positive, negative)}
+    failed = {name: why for name, why in failed.items() if why}
     verdict = {
         "metric": metric,
         "positive": positive,
@@ -37,6 +42,10 @@ def probe_validity(probe: str, controls: dict[str, dict], band: Band) -> dict:
         "negative_max": band.negative_max,
         "min_gap": band.min_gap,
     }
+    if failed:
+        reason = "; ".join(f"the {probe} probe failed on {name}: {why}"
+                           for name, why in failed.items())
+        return {**verdict, "valid": False, "reason": reason}
     if pos is None or neg is None:
         missing = [name for name, v in ((positive, pos), (negative, neg)) if v is None]
         # Unknown, not failed: e.g. clips without boxes (SSv2) have no oracle to build.

@@ -29,12 +29,12 @@ from vlmprobe.align.study import (
 from vlmprobe.io import rounded, write_json, write_text
 from vlmprobe.params import (
     ParamsError,
-    get,
     load_params,
     require_choice,
     require_float,
     require_float_list,
     require_int,
+    require_name,
 )
 from vlmprobe.probes.controls import pixel_tokens, shuffled_tokens
 from vlmprobe.vae.registry import VaeError, get_entry, load_vae
@@ -46,12 +46,8 @@ HEADLINE = "cka_linear"
 
 def validate(params: dict) -> dict:
     """Every param checked, and the target's weights known to be obtainable, before loading."""
-    vlm = get(params, "vlm")
-    if not isinstance(vlm, str) or not vlm:
-        raise ParamsError(f"params.yaml: vlm = {vlm!r} is invalid; expected a model name.")
-    target = get(params, "video_vae")
-    if not isinstance(target, str):
-        raise ParamsError(f"params.yaml: video_vae = {target!r} is invalid; expected a name.")
+    vlm = require_name(params, "vlm")
+    target = require_name(params, "video_vae")
     get_entry(target)
     bands = {}
     for metric in BANDED:

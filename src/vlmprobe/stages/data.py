@@ -24,11 +24,20 @@ from typing import Any
 
 from vlmprobe.data.bad_samples import POLICIES, BadSampleError, apply_policy
 from vlmprobe.data.coco import SourceError, write_coco_subset
+from vlmprobe.data.coco import check_source as check_coco_source
 from vlmprobe.data.moving_shapes import generate_moving_shapes, max_speed
 from vlmprobe.data.shapes import MIN_SHAPE_SIZE, generate_shapes
+from vlmprobe.data.ssv2 import check_source as check_ssv2_source
 from vlmprobe.data.ssv2 import write_ssv2_subset
 from vlmprobe.io import write_json
-from vlmprobe.params import ParamsError, get, load_params, require_choice, require_int
+from vlmprobe.params import (
+    ParamsError,
+    get,
+    load_params,
+    require_bool,
+    require_choice,
+    require_int,
+)
 
 PARAMS = ("data",)
 DATASETS = ("shapes", "coco", "ssv2")
@@ -39,6 +48,7 @@ MAX_SPLIT_SIZE = 1_000_000
 MAX_OBJECTS = 16
 MAX_FRAMES = 64
 MAX_WORKERS = 64
+MAX_PIXELS_LIMIT = 2**40  # data.max_pixels may be raised, but must stay a number
 
 
 def _split_sizes(params: dict[str, Any], section: str) -> dict[str, int]:
@@ -67,8 +77,13 @@ def _require_path(params: dict[str, Any], key: str) -> Path:
     return Path(value).expanduser()
 
 
+def _wanted(config: dict[str, Any]) -> int:
+    return config["n_train"] + config["n_val"] + config["n_test"]
+
+
 def validate(params: dict[str, Any]) -> dict[str, Any]:
-    """Check the `data` params the chosen dataset uses; return each writer's keyword args."""
+    """Check the `data` params the chosen dataset uses, and a local source's paths and size
+    (its index file only: no image is decoded); return each writer's keyword args."""
     dataset = require_choice(params, "data.dataset", DATASETS)
     seed = require_int(params, "data.seed", 0, 2**32 - 1)
     image_size = require_int(params, "data.image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
@@ -76,6 +91,7 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
         "dataset": dataset,
         "on_bad_sample": require_choice(params, "data.on_bad_sample", POLICIES),
         "workers": require_int(params, "data.workers", 0, MAX_WORKERS),
+        "max_pixels": require_int(params, "data.max_pixels", 1, MAX_PIXELS_LIMIT),
     }
     common = {"seed": seed, "image_size": image_size}
     if dataset in ("shapes", "ssv2"):
@@ -100,7 +116,11 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
             **_split_sizes(params, "data.coco"),
             "on_bad_sample": config["on_bad_sample"],
             "workers": config["workers"],
+            "max_pixels": config["max_pixels"],
+            "allow_outside_paths": require_bool(params, "data.coco.allow_outside_paths"),
         }
+        check_coco_source(config["coco"]["images_dir"], config["coco"]["annotations"],
+                          _wanted(config["coco"]))
     if dataset == "ssv2":
         config["ssv2"] = {
             "videos_dir": _require_path(params, "data.ssv2.videos"),
@@ -113,6 +133,8 @@ def validate(params: dict[str, Any]) -> dict[str, Any]:
             "on_bad_sample": config["on_bad_sample"],
             "workers": config["workers"],
         }
+        check_ssv2_source(config["ssv2"]["videos_dir"], config["ssv2"]["labels"],
+                          _wanted(config["ssv2"]))
         return config
     n_frames = require_int(params, "data.moving_shapes.n_frames", 2, MAX_FRAMES)
     config["moving_shapes"] = {
@@ -154,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         config = validate(load_params(PARAMS))
-    except ParamsError as e:
+    except (ParamsError, SourceError) as e:
         raise SystemExit(f"error: {e}") from None
 
     started = time.perf_counter()

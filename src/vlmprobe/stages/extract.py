@@ -1,17 +1,18 @@
 """Stage `extract`: features of every extraction point of `vlm` for every image and clip frame.
 
 Params are validated and the registry and points checked before any weights load. Work goes
-to a scratch directory keyed by everything that determines the features, so an interrupted
-run (even `kill -9`) resumes from its last complete shard; each finished store is moved onto
-`data/features` / `data/clip_features` in one rename. Clip frames are stored as images
-`clip_id * n_frames + t`. `metrics/extract.json` records sizes, speed and provenance.
+to a scratch directory keyed by everything that determines the features (entry, settings, data
+and pixels, model code, weights: `vlmprobe.extract.scratch`), so an interrupted run (even
+`kill -9`) resumes from its last complete shard and a changed setup starts clean; each
+finished store is moved onto `data/features` / `data/clip_features` in one rename. Clip frames
+are stored as images `clip_id * n_frames + t`. `metrics/extract.json` records sizes, speed and
+provenance.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -21,28 +22,42 @@ import numpy as np
 import torch
 
 from vlmprobe.data.dataset import SPLITS, load_all_images
-from vlmprobe.extract.engine import extract_to_store
+from vlmprobe.extract.engine import NonFiniteFeatures, extract_to_store
+from vlmprobe.extract.scratch import finish, scratch_store
 from vlmprobe.io import write_json
-from vlmprobe.models.base import WeightsUnavailable, dtype_for
+from vlmprobe.models.base import WeightsUnavailable, dtype_for, resolve_device
 from vlmprobe.models.registry import RegistryError, adapter_for, get_entry, select_points
-from vlmprobe.params import ParamsError, get, load_params, require_choice, require_int
+from vlmprobe.params import (
+    ParamsError,
+    get,
+    load_params,
+    require_choice,
+    require_int,
+    require_name,
+)
 
 PARAMS = ("vlm", "extract")
 DEVICES = ("cpu", "cuda", "auto")
 
 
 def validate(params: dict) -> dict:
-    entry = get_entry(get(params, "vlm"))
+    """Every param, the device and the entry's points checked, without loading weights: the
+    points against the model's config, which also refuses an unpinned revision."""
+    entry = get_entry(require_name(params, "vlm"))
     points = select_points(entry, get(params, "extract.points"))
-    return {
+    config = {
         "entry": entry,
         "points": points,
         "clip_points": clip_points(points, get(params, "extract.clip_points")),
         "batch_size": require_int(params, "extract.batch_size", 1, 4096),
         "shard_size": require_int(params, "extract.shard_size", 1, 100_000),
-        "device": require_choice(params, "extract.device", DEVICES),
+        "device": resolve_device(require_choice(params, "extract.device", DEVICES),
+                                 "extract.device"),
         "loader_workers": require_int(params, "extract.loader_workers", 0, 64),
+        "adapter": adapter_for(entry),
     }
+    config["adapter"].check_points(points, Path.cwd())
+    return config
 
 
 def clip_points(points: list[str], requested: str | list[str]) -> list[str]:
@@ -63,29 +78,21 @@ def clip_points(points: list[str], requested: str | list[str]) -> list[str]:
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParamsError(
-            "params.yaml: extract.device = 'cuda' but no CUDA device is visible. "
-            "Fix: `dvc exp run -S extract.device=cpu` (or auto)."
-        )
-    return torch.device(name)
+def scratch_key(config: dict, device: torch.device, data_files: list[Path], points: list[str],
+                frames: np.ndarray, model_identity: dict) -> dict:
+    """Everything that determines a shard: entry, settings, data, pixels, model code, weights."""
+    def sha256(data: bytes | np.ndarray) -> str:
+        return hashlib.sha256(data).hexdigest()
 
-
-def fingerprint(
-    config: dict, device: torch.device, data_files: list[Path], points: list[str]
-) -> str:
-    """Hash of everything that determines the features: entry, points, batching, device, data."""
-    h = hashlib.sha256()
-    entry = config["entry"]
-    h.update(entry.path.read_bytes())
-    h.update(json.dumps([points, config["shard_size"], config["batch_size"],
-                         str(device)]).encode())
-    for path in data_files:
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    return {
+        "entry": sha256(config["entry"].path.read_bytes()),
+        "settings": {"points": points, "shard_size": config["shard_size"],
+                     "batch_size": config["batch_size"], "device": str(device)},
+        "data": {path.name: sha256(path.read_bytes()) for path in data_files},
+        # The decoded pixels the model sees: an image edited in place keeps its JSON.
+        "pixels": sha256(np.ascontiguousarray(frames)),
+        **model_identity,
+    }
 
 
 def load_clip_frames(clips_dir: Path) -> tuple[list[int], np.ndarray, list[int], int]:
@@ -118,21 +125,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path(".vlmprobe"))
     args = parser.parse_args(argv)
     try:
-        params = load_params(PARAMS)
-        config = validate(params)
-        device = resolve_device(config["device"])
-        adapter = adapter_for(config["entry"])
-        adapter.check_points(config["points"], Path.cwd())
+        config = validate(load_params(PARAMS))
     except (ParamsError, RegistryError, WeightsUnavailable) as e:
         raise SystemExit(f"error: {e}") from None
 
     torch.manual_seed(0)
-    entry = config["entry"]
+    entry, adapter, device = config["entry"], config["adapter"], config["device"]
     image_ids, images = load_all_images(args.data, config["loader_workers"])
     clip_ids, clip_frames, clips, n_frames = load_clip_frames(args.clips)
     try:
         model = adapter.load(Path.cwd(), device)
         provenance = adapter.weights_provenance(Path.cwd())
+        model_identity = adapter.code_and_weights_identity(
+            Path.cwd(), args.work / "file-hashes.json")
     except WeightsUnavailable as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{entry.display_name}: points {', '.join(config['points'])} on {len(image_ids)} "
@@ -151,19 +156,22 @@ def main(argv: list[str] | None = None) -> None:
     ]
     timings, manifests, finished = {}, {}, []
     for name, data_files, points, ids, frames, out, extra in jobs:
-        work = args.work / (
-            f"extract-{name}-{entry.name}-{fingerprint(config, device, data_files, points)}"
-        )
+        key = scratch_key(config, device, data_files, points, frames, model_identity)
+        work = scratch_store(args.work, f"extract-{name}-{entry.name}", key)
         timings[name] = {}
-        manifests[name] = extract_to_store(
-            adapter, model, frames, ids, points, work,
-            batch_size=config["batch_size"], shard_size=config["shard_size"], device=device,
-            manifest_extra={**common, **extra}, timing=timings[name],
-        )
+        try:
+            manifests[name] = extract_to_store(
+                adapter, model, frames, ids, points, work,
+                batch_size=config["batch_size"], shard_size=config["shard_size"], device=device,
+                manifest_extra={**common, **extra}, timing=timings[name],
+            )
+        except NonFiniteFeatures as e:
+            raise SystemExit(f"error: {entry.name} {name}: {e}") from None
         finished.append((work, out))
     # Publish only once both stores are complete, so a run killed during the clips still
     # finds the images' scratch store and resumes instead of starting over.
     for work, out in finished:
+        finish(work)
         publish(work, out)
     write_json(args.metrics, extraction_metrics(manifests, timings, device, provenance))
 

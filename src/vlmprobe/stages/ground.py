@@ -24,7 +24,7 @@ from vlmprobe.data.shapes import CATEGORIES
 from vlmprobe.io import read_json, rounded, write_json
 from vlmprobe.models.base import ModelAdapter, WeightsUnavailable, resolve_device
 from vlmprobe.models.registry import RegistryEntry, RegistryError, adapter_for, get_entry
-from vlmprobe.params import ParamsError, get, load_params, require_choice, require_int
+from vlmprobe.params import ParamsError, load_params, require_choice, require_int, require_name
 from vlmprobe.probes.grounding import (
     first_images,
     grounding_prompt,
@@ -42,7 +42,7 @@ SAMPLES = 5  # raw answers of each test kept in the metrics, to see what the mod
 
 def validate(params: dict) -> dict:
     return {
-        "entry": get_entry(get(params, "vlm")),
+        "entry": get_entry(require_name(params, "vlm")),
         "seed": require_int(params, "ground.seed", 0, 2**31 - 1),
         "images": require_int(params, "ground.images", 1, 100_000),
         "grounding_max_new_tokens": require_int(params, "ground.grounding_max_new_tokens", 1,
@@ -51,7 +51,8 @@ def validate(params: dict) -> dict:
         "batch_size": require_int(params, "ground.batch_size", 1, 4096),
         "threads": require_int(params, "ground.threads", 1, 1024),
         "bootstrap": require_int(params, "ground.bootstrap", 10, 1_000_000),
-        "device": require_choice(params, "ground.device", DEVICES),
+        "device": resolve_device(require_choice(params, "ground.device", DEVICES),
+                                 "ground.device"),
     }
 
 
@@ -156,12 +157,12 @@ def ground_model(adapter: ModelAdapter, data: Path, config: dict, skipped: dict[
                  ) -> tuple[dict, dict]:
     """The tests that apply, on the first `images` test images; and what the meta records."""
     try:
-        device = resolve_device(config["device"], "ground.device")
+        device = config["device"]
         split = first_images(load_split(data, "test"), config["images"])
         torch.manual_seed(config["seed"])
         model = adapter.load(Path.cwd(), device)
         provenance = adapter.weights_provenance(Path.cwd())
-    except (ParamsError, WeightsUnavailable, DatasetError) as e:
+    except (WeightsUnavailable, DatasetError) as e:
         raise SystemExit(f"error: {e}") from None
     result: dict = {}
     if "grounding" not in skipped:

@@ -25,6 +25,7 @@ from vlmprobe.params import (
     ParamsError,
     get,
     load_params,
+    require_bool,
     require_choice,
     require_float,
     require_float_list,
@@ -49,13 +50,6 @@ CLIPS = Path("data/clips")
 LPIPS_ASSETS = Path("data/assets/lpips")
 
 
-def require_bool(params: dict, key: str) -> bool:
-    value = get(params, key)
-    if not isinstance(value, bool):
-        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid; expected true or false.")
-    return value
-
-
 def require_names(params: dict, key: str, valid: list[str] | None) -> list[str] | str:
     """A list of names from `valid`, `all`, or `deepest` (the last of `valid`: for points, the
     deepest extraction point of any model), kept in `valid`'s order. With `valid` None (the
@@ -65,10 +59,11 @@ def require_names(params: dict, key: str, valid: list[str] | None) -> list[str] 
         return list(valid) if valid is not None else value
     if value == "deepest":
         return list(valid)[-1:] if valid is not None else value
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    # Empty is refused too: no points is no probe, no controls is a result nobody can judge.
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         choices = ", ".join(valid) if valid is not None else "the feature store's point ids"
         raise ParamsError(f"params.yaml: {key} = {value!r} is invalid; expected `all`, "
-                          f"`deepest` or a list of: {choices}. Fix: edit params.yaml.")
+                          f"`deepest` or a non-empty list of: {choices}. Fix: edit params.yaml.")
     if valid is None:
         return value
     unknown = [v for v in value if v not in valid]
@@ -183,7 +178,7 @@ def points_csv(points: dict, controls: dict) -> str:
     rows = [(name, "point", m) for name, m in points.items()]
     rows += [(name, "control", m) for name, m in controls.items()]
     for order, (name, kind, m) in enumerate(rows):
-        lo, hi = m["bbox_iou_ci95"]
+        lo, hi = m.get("bbox_iou_ci95", ("", ""))  # absent where the bbox probe failed
         writer.writerow([order, name, kind, *(m.get(k, "") for k in CSV_METRICS), lo, hi])
     return buf.getvalue()
 

@@ -28,6 +28,7 @@ from vlmprobe.params import (
     require_choice,
     require_float,
     require_int,
+    require_name,
 )
 from vlmprobe.probes.controls import pixel_tokens, shuffled_tokens
 from vlmprobe.probes.dense import DenseSettings
@@ -55,21 +56,31 @@ class ScoreSettings:
     seed: int
 
 
-def validate(params: dict) -> dict:
-    """Every param checked, and the target's weights known to be obtainable, before loading."""
-    target = get(params, "video_vae")
-    if not isinstance(target, str):
-        raise ParamsError(f"params.yaml: video_vae = {target!r} is invalid; expected a name.")
+def validate(params: dict, points: list[str] | None = None) -> dict:
+    """Every param checked, and the target's weights known to be obtainable, before loading;
+    `reconstruct.point` against `points` (the feature store's) when given."""
+    target = require_name(params, "video_vae")
     get_entry(target)
     r = "reconstruct"
     point = get(params, f"{r}.point")
-    if not isinstance(point, str) or not point:
+    named = isinstance(point, str) and bool(point)
+    if not named or points is not None and point not in ("best", *points):
+        extracted = f": {', '.join(points)}" if points is not None else ""
         raise ParamsError(f"params.yaml: {r}.point = {point!r} is invalid; expected `best` (the "
-                          "align stage's optimal layer) or an extraction point id.")
+                          f"align stage's optimal layer) or an extracted point id{extracted}. "
+                          f"Fix: `dvc exp run -S {r}.point=best`.")
     controls = get(params, f"{r}.controls")
-    if not isinstance(controls, list) or any(c not in CONTROLS for c in controls):
+    if not isinstance(controls, list) or not controls or any(c not in CONTROLS for c in controls):
         raise ParamsError(f"params.yaml: {r}.controls = {controls!r} is invalid; expected a "
-                          f"list of: {', '.join(CONTROLS)}. Fix: edit params.yaml.")
+                          f"non-empty list of: {', '.join(CONTROLS)} (the controls tell a lost "
+                          f"signal from a broken decoder). Fix: `dvc exp run -S "
+                          f"'{r}.controls=[{', '.join(CONTROLS)}]'`.")
+    warmup_epochs = require_int(params, f"{r}.warmup_epochs", 0, 100_000)
+    epochs = require_int(params, f"{r}.epochs", 0, 100_000)
+    if warmup_epochs + epochs == 0:
+        raise ParamsError(f"params.yaml: {r}.warmup_epochs = 0 and {r}.epochs = 0 train the "
+                          f"adapter not at all. Fix: `dvc exp run -S {r}.warmup_epochs=8` (or "
+                          f"set {r}.epochs).")
     seed = require_int(params, f"{r}.seed", 0, 2**31 - 1)
     threads = require_int(params, f"{r}.threads", 1, 256)
     bootstrap = require_int(params, f"{r}.bootstrap", 100, 100_000)
@@ -82,8 +93,8 @@ def validate(params: dict) -> dict:
         "train": TrainSettings(
             adapter=require_choice(params, f"{r}.adapter", ADAPTERS),
             adapter_params=require_int(params, f"{r}.adapter_params", 10_000, 1_000_000_000),
-            warmup_epochs=require_int(params, f"{r}.warmup_epochs", 0, 100_000),
-            epochs=require_int(params, f"{r}.epochs", 0, 100_000),
+            warmup_epochs=warmup_epochs,
+            epochs=epochs,
             train_samples=require_int(params, f"{r}.train_samples", 8, 10_000_000),
             batch_size=require_int(params, f"{r}.batch_size", 1, 4096),
             lr=require_float(params, f"{r}.lr", 1e-7, 1.0),
@@ -120,12 +131,9 @@ def validate(params: dict) -> dict:
 
 
 def resolve_point(requested: str, store: FeatureStore, target: str, align_metrics: Path) -> str:
-    """`best` -> the align stage's optimal layer for this model and target; else the id."""
+    """`best` -> the align stage's optimal layer for this model and target; else the id (one
+    of the store's points: `validate` checked it)."""
     if requested != "best":
-        if requested not in store.points:
-            raise SystemExit(f"error: reconstruct.point = {requested!r} is not a point of "
-                             f"{store.manifest['vlm']!r}; valid: best, {', '.join(store.points)}."
-                             f" Fix: `dvc exp run -S reconstruct.point=best`.")
         return requested
     if not align_metrics.exists():
         raise SystemExit(f"error: reconstruct.point = best needs {align_metrics}: run "
@@ -162,11 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/reconstruct.json"))
     parser.add_argument("--plots", type=Path, default=Path("plots/reconstruct"))
     args = parser.parse_args(argv)
+    store = FeatureStore.open(args.features)
     try:
-        config = validate(load_params(PARAMS))
+        config = validate(load_params(PARAMS), store.points)
     except (ParamsError, VaeError) as e:
         raise SystemExit(f"error: {e}") from None
-    store = FeatureStore.open(args.features)
     point = resolve_point(config["point"], store, config["target"], args.align_metrics)
     start = time.perf_counter()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from vlmprobe.io import read_json, write_text
-from vlmprobe.params import ParamsError, get, load_params
+from vlmprobe.params import ParamsError, load_params, require_name
 from vlmprobe.report.figures import metrics_by_point
 from vlmprobe.report.spatial import COLUMNS, spatial_markdown, spatial_summary
 
@@ -21,11 +21,7 @@ PROBE_PLOTS = Path("plots/probe")  # the probe stage's figures, linked from the 
 
 def validate(params: dict) -> str:
     """The registry entry name; whether it exists is the extract stage's check."""
-    vlm = get(params, "vlm")
-    if not isinstance(vlm, str) or not vlm:
-        raise ParamsError(f"params.yaml: vlm = {vlm!r} is invalid; expected a registry entry "
-                          "name. Fix: edit params.yaml or run `dvc exp run -S vlm=<name>`.")
-    return vlm
+    return require_name(params, "vlm")
 
 
 def main(argv: list[str] | None = None) -> None:

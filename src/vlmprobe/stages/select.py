@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vlmprobe.io import read_json, write_json
 from vlmprobe.models.registry import RegistryEntry, RegistryError, get_entry
-from vlmprobe.params import ParamsError, get, load_params
+from vlmprobe.params import ParamsError, load_params, require_name
 from vlmprobe.report.spatial import plan
 from vlmprobe.select.criteria import Measurement
 from vlmprobe.select.decide import decide
@@ -25,9 +25,10 @@ FILE_NAMES = {Path(path).name: name for name, path in METRICS_FILES.items()}
 
 
 def validate(params: dict) -> dict:
-    entry = get_entry(get(params, "vlm"))
+    entry = get_entry(require_name(params, "vlm"))
     declared_complexity(entry)  # a malformed declaration fails here, before any work
-    return {"entry": entry, "speed_baseline": get_entry(get(params, "select.speed_baseline"))}
+    baseline = require_name(params, "select.speed_baseline")
+    return {"entry": entry, "speed_baseline": get_entry(baseline, "select.speed_baseline")}
 
 
 def read_metrics(paths: list[Path]) -> dict[str, dict | None]:

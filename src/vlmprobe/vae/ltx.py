@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vlmprobe.models.base import safetensors_kwargs
 from vlmprobe.vae.base import VideoVAE
 from vlmprobe.vae.registry import VaeEntry, VaeError
 
@@ -30,14 +31,15 @@ class LtxVideoVAE(VideoVAE):
                 torch.manual_seed(int(weights.get("seed", 0)))
                 self.model = AutoencoderKLLTXVideo(**entry.options["config"])
         else:
-            self.model = self._from_pretrained(AutoencoderKLLTXVideo, weights)
+            self.model = self._from_pretrained(AutoencoderKLLTXVideo, entry)
         self.model.eval().requires_grad_(False)
         self.compression = int(self.model.spatial_compression_ratio)
         self.latent_channels = int(self.model.config.latent_channels)
         self.decode_timestep = float(entry.options.get("decode_timestep", 0.05))
 
     @staticmethod
-    def _from_pretrained(cls: Any, weights: dict) -> Any:
+    def _from_pretrained(cls: Any, entry: VaeEntry) -> Any:
+        weights = entry.weights
         source = weights.get("path") or weights["repo"]
         kwargs = {} if weights.get("path") else {
             "subfolder": weights.get("subfolder", "vae"),
@@ -45,11 +47,14 @@ class LtxVideoVAE(VideoVAE):
             "local_files_only": os.environ.get("HF_HUB_OFFLINE") == "1",
         }
         try:
-            return cls.from_pretrained(source, **kwargs)
+            return cls.from_pretrained(source, **kwargs, **safetensors_kwargs(entry))
         except (OSError, ValueError) as e:
             raise VaeError(
-                f"could not load the LTX-Video VAE from {source} {kwargs}: {e}. Fix: with hub "
-                f"access, run once without HF_HUB_OFFLINE to fill the cache; offline, set "
+                f"could not load the LTX-Video VAE from {source} {kwargs}: {e}. Only "
+                f"safetensors weights load (pickled ones, such as "
+                f"diffusion_pytorch_model.bin, can run code on load) unless {entry.path} sets "
+                f"weights.allow_pickle_weights: true, after you have reviewed them. Fix: with "
+                f"hub access, run once without HF_HUB_OFFLINE to fill the cache; offline, set "
                 f"weights.path in the entry to a local copy of the `vae` folder "
                 f"(config.json + diffusion_pytorch_model.safetensors)."
             ) from None

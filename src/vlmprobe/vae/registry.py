@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from vlmprobe.models.registry import RegistryError
+from vlmprobe.models.registry import RegistryError, entry_name
 
 if TYPE_CHECKING:
     from vlmprobe.vae.base import VideoVAE
@@ -56,7 +56,7 @@ def _parse_entry(path: Path) -> VaeEntry:
     if raw["weights"].get("source") not in WEIGHT_SOURCES:
         raise VaeError(f"{path}: weights.source must be one of {list(WEIGHT_SOURCES)}")
     return VaeEntry(
-        name=path.stem,
+        name=entry_name(path),
         family=raw["family"],
         display_name=raw["display_name"],
         weights=dict(raw["weights"]),

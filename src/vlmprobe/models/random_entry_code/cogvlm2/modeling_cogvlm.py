@@ -27,7 +27,7 @@ LANGUAGE_TOKEN_TYPE = 0
 VISION_TOKEN_TYPE = 1
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TEMPLATES = {"base": "{}", "chat": "USER: {} ASSISTANT:", "vqa": "{} Short answer:"}
+TEMPLATES = {"base": "{}", "chat": "Question: {} Answer:", "vqa": "Question: {} Short answer:"}
 
 
 class RMSNorm(nn.Module):
@@ -148,9 +148,19 @@ def rotary(x, positions, theta):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def expert_mask(token_type_ids):
+    """Vision-expert tokens: a vision token followed by another (so eoi, the last of the image
+    slots, goes to the language expert, as in the published code)."""
+    vision = token_type_ids == VISION_TOKEN_TYPE
+    return vision & F.pad(vision[:, 1:], (0, 1), value=False)
+
+
 def by_expert(vision_mask, x, vision_fn, language_fn):
-    """Vision tokens through the vision expert, the rest through the language expert."""
-    return torch.where(vision_mask[..., None], vision_fn(x), language_fn(x))
+    """Each expert runs on its own tokens only."""
+    vision_out, language_out = vision_fn(x[vision_mask]), language_fn(x[~vision_mask])
+    out = vision_out.new_empty((*x.shape[:-1], vision_out.shape[-1]))
+    out[vision_mask], out[~vision_mask] = vision_out, language_out
+    return out
 
 
 class VisionExpertAttention(nn.Module):
@@ -250,7 +260,7 @@ class CogVLMModel(nn.Module):
                 inputs_embeds=None):
         x = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, images,
                                                                        token_type_ids)
-        vision_mask = token_type_ids == VISION_TOKEN_TYPE
+        vision_mask = expert_mask(token_type_ids)
         positions = build_position_ids(token_type_ids)
         keep = attention_mask.bool()
         s = x.shape[1]
