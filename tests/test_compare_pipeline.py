@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 # Small and quick: the trained probes off at the model's points (a brief decoder on the pixels
 # control only), so spatial IoU, LPIPS and mAP are "not measured" and the plan's tables must say
 # so rather than guess; the bbox probe still ranks the runs.
-QUICK = {**{f"probe.{probe}.{key}": [] for probe in ("detr", "dense", "reconstruction")
+QUICK = {**{f"probe.{probe}.{key}": "none" for probe in ("detr", "dense", "reconstruction")
             for key in ("points", "controls")},
          "probe.reconstruction.controls": ["pixels"], "probe.reconstruction.steps": 50,
          "probe.reconstruction.eval_every": 25,

@@ -104,7 +104,7 @@ HOSTILE = [
      "'dinov2_small': layer3, layer6, layer9, layer12, final"),
     # In-range nonsense.
     ("no dense controls", {"probe.dense.controls": []},
-     "probe.dense.controls = [] is invalid; expected `all`, `deepest` or a non-empty list"),
+     "probe.dense.controls = [] is invalid; expected `all`, `deepest`, `none` (run it nowhere)"),
     ("no temporal controls", {"probe.temporal.controls": []},
      "probe.temporal.controls = [] is invalid"),
     ("no reconstruct controls", {"reconstruct.controls": []},

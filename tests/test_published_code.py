@@ -9,6 +9,7 @@ runs the same checks (vlmprobe.models.doctor).
 from __future__ import annotations
 
 import ast
+import os
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ from published_checkpoints import REFERENCE, ROOT, VERSIONS, published_folder
 from vlmprobe.models import doctor
 from vlmprobe.models.registry import adapter_for, get_entry
 
+if not REFERENCE.is_dir() and os.environ.get("CI"):
+    raise RuntimeError(f"CI must run the conformance tests, but the published code is not at "
+                       f"{REFERENCE}: set VLMPROBE_REFERENCE_CODE")
 if not REFERENCE.is_dir():
     pytest.skip(f"the published remote code is not at {REFERENCE}: set VLMPROBE_REFERENCE_CODE "
                 f"to the folder holding internvl2_hub/, internvl_2024/ and cogvlm2/",

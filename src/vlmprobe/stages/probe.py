@@ -55,15 +55,19 @@ def require_names(params: dict, key: str, valid: list[str] | None) -> list[str] 
     deepest extraction point of any model), kept in `valid`'s order. With `valid` None (the
     feature store is not known yet) only the form is checked and the keyword returned as is."""
     value = get(params, key)
+    if value == "none":  # said outright: this probe runs at no point / with no control
+        return []
     if value == "all":
         return list(valid) if valid is not None else value
     if value == "deepest":
         return list(valid)[-1:] if valid is not None else value
-    # Empty is refused too: no points is no probe, no controls is a result nobody can judge.
+    # Empty is refused: an empty list is more often a slip than a choice, so turning a probe
+    # (or its controls) off is said outright, with `none`.
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         choices = ", ".join(valid) if valid is not None else "the feature store's point ids"
         raise ParamsError(f"params.yaml: {key} = {value!r} is invalid; expected `all`, "
-                          f"`deepest` or a non-empty list of: {choices}. Fix: edit params.yaml.")
+                          f"`deepest`, `none` (run it nowhere) or a non-empty list of: "
+                          f"{choices}. Fix: edit params.yaml.")
     if valid is None:
         return value
     unknown = [v for v in value if v not in valid]
