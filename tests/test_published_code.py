@@ -157,3 +157,11 @@ def test_doctor_fails_with_non_zero_status(tmp_path, capsys, monkeypatch):
 
 def test_sample_images_are_deterministic():
     assert np.array_equal(doctor.sample_images(), doctor.sample_images())
+
+
+def test_doctor_refuses_a_full_size_model_it_cannot_shrink(capsys):
+    from vlmprobe.cli import main
+
+    status = main(["doctor", "qwen2_5_vl_random", "--dtype", "float32"])
+    assert status == 2
+    assert "qwen2_5_vl_tiny" in capsys.readouterr().err

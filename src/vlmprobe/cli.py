@@ -113,12 +113,12 @@ def pr_report(args: argparse.Namespace) -> int:
 
 def doctor(args: argparse.Namespace) -> int:
     from vlmprobe.models.base import WeightsUnavailable
-    from vlmprobe.models.doctor import run_doctor
+    from vlmprobe.models.doctor import CannotShrink, run_doctor
 
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
     try:
         return run_doctor(args.entry, args.local, dtypes, Path.cwd())
-    except (RegistryError, WeightsUnavailable) as e:
+    except (RegistryError, WeightsUnavailable, CannotShrink) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

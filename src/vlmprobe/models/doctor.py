@@ -43,7 +43,12 @@ PREPROCESSING_FILES = ("tokenizer*", "*.model", "*.tiktoken", "vocab.*", "merges
                        "processor_config.json", "chat_template.*", "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CPU = torch.device("cpu")
+MAX_PARAMETERS = 50_000_000  # a shrunk model beyond this is not shrunk: the doctor refuses it
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+class CannotShrink(ValueError):
+    """The family has no `tiny_config` and the checkpoint is too large for a CPU preflight."""
 
 
 @dataclass
@@ -143,11 +148,23 @@ def build_tiny_checkpoint(template: RegistryEntry, source: Path, out: Path, seed
     (out / "config.json").write_text(json.dumps(config_dict, indent=1))
     real = adapter.layer_counts(AutoConfig.from_pretrained(str(source), **remote))
     config = AutoConfig.from_pretrained(str(out), **remote)
+    def build() -> nn.Module:
+        if adapter.remote_code:
+            return adapter.published_class(config, str(out), {})(config)
+        return adapter.model_class()._from_config(config)
+
+    if not adapter.tiny_config:  # as published: its size first, without allocating it
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in build().parameters())
+    if not adapter.tiny_config and parameters > MAX_PARAMETERS:
+        raise CannotShrink(
+            f"the {template.family} family has no `tiny_config` to shrink {source}/config.json "
+            f"with, and as published it has {parameters / 1e6:.0f}M parameters: too many for a "
+            f"CPU preflight. Fix: run `vlmprobe doctor {template.family}_tiny` (the family's "
+            f"class from a shrunk config), or add a `tiny_config` to its adapter."
+        )
     torch.manual_seed(seed)
-    if adapter.remote_code:
-        model = adapter.published_class(config, str(out), {})(config)
-    else:
-        model = adapter.model_class()._from_config(config)
+    model = build()
     save_weights(model.eval(), out)
     if not preprocessing_files(source):
         adapter.dtype = torch.float32
