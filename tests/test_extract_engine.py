@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import ROOT, run, set_params
-from test_models_vlm import CPU, images, loaded
-from vlmprobe.extract.engine import extract_to_store
+from test_models_vlm import CPU, TINY, images, loaded
+from vlmprobe.extract.engine import choose_batch_size, extract_to_store
 from vlmprobe.extract.store import FeatureStore
+from vlmprobe.extract.synchronous import extract_synchronously
 from vlmprobe.io import read_json
 from vlmprobe.params import ParamsError
 from vlmprobe.stages.extract import clip_points
@@ -57,6 +58,30 @@ def test_store_holds_every_point_shard_and_geometry(tmp_path):
     assert timing["images"] == 0
 
 
+def store_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_pipelined_engine_stores_the_bytes_of_the_synchronous_loop(name, tmp_path):
+    """Prefetch, cast before the copy, the assembly and writer threads: none of it changes a
+    byte. 7 images in shards of 3 and batches of 2: batches end before and at shard ends."""
+    adapter, model = loaded(name)
+    batch, ids, points = images(7), [5, 6, 7, 8, 9, 10, 11], list(adapter.entry.points)
+    settings = {"batch_size": 2, "shard_size": 3, "device": CPU, "manifest_extra": {"vlm": name}}
+    extract_to_store(adapter, model, batch, ids, points, tmp_path / "engine", **settings)
+    extract_synchronously(adapter, model, batch, ids, points, tmp_path / "plain", **settings)
+    engine, plain = store_files(tmp_path / "engine"), store_files(tmp_path / "plain")
+    assert len(engine) == len(points) * 3 + 1 and engine == plain
+
+
+def test_auto_batch_size_on_cpu_is_the_fixed_default():
+    adapter, model = loaded("qwen2_5_vl_tiny")
+    size, how = choose_batch_size(adapter, model, images(2), ["Q1"], CPU, limit=100)
+    assert size == 16 and "CPU" in how
+
+
 def test_stage_writes_image_and_clip_stores_and_metrics(tmp_path):
     project = stage_project(tmp_path / "p", "cogvlm2_tiny", batch_size=4, shard_size=4)
     run([sys.executable, "-m", "vlmprobe.stages.extract"], project)
@@ -98,3 +123,30 @@ def test_clip_points_default_to_the_deepest_and_reject_unknown_ones():
     assert clip_points(points, ["c", "a"]) == ["a", "c"]
     with pytest.raises(ParamsError, match="extract.clip_points = \\['z'\\]"):
         clip_points(points, ["z"])
+
+
+def test_streamed_shard_has_the_bytes_of_safetensors_save_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vlmprobe.extract.store import ShardFile, remove_unfinished_shards, shard_path
+
+    features = torch.randn(5, 3, 7).half()
+    shard = ShardFile(tmp_path, "P", 0, [9, 8, 7, 6, 5], (3, 7))
+    assert not shard_path(tmp_path, "P", 0).exists()  # a hidden temporary until complete
+    shard.write(features[:2])
+    shard.write(features[2:])
+    shard.close()
+    save_file({"features": features, "image_ids": torch.tensor([9, 8, 7, 6, 5])},
+              str(tmp_path / "reference.safetensors"))
+    assert shard_path(tmp_path, "P", 0).read_bytes() == (
+        tmp_path / "reference.safetensors").read_bytes()
+    assert torch.equal(load_file(str(shard_path(tmp_path, "P", 0)))["features"], features)
+    short = ShardFile(tmp_path, "P", 1, [1, 2], (3, 7))
+    short.write(features[:1])
+    with pytest.raises(ValueError, match="1 of 2 rows"):
+        short.close()
+    assert not shard_path(tmp_path, "P", 1).exists()
+    ShardFile(tmp_path, "P", 2, [1], (3, 7))  # as a kill -9 leaves it
+    assert list((tmp_path / "P").glob(".shard-00002*"))
+    remove_unfinished_shards(tmp_path)
+    assert not list((tmp_path / "P").glob(".shard-*")) and shard_path(tmp_path, "P", 0).exists()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+from transformers import AttentionInterface
 
 from test_models_vlm import CPU, images, loaded
 from vlmprobe.extract.engine import extract_points
+from vlmprobe.models import qwen2_5_vl
 from vlmprobe.models.registry import adapter_for, get_entry
 
 
@@ -40,3 +43,23 @@ def test_full_size_random_entry_has_the_real_shapes():
     assert adapter.layer_counts(config) == {"vision": 32, "llm": 28}
     assert config.text_config.hidden_size == 3584
     adapter.check_points(list(adapter.entry.points), Path.cwd())
+
+
+@pytest.mark.parametrize("size", [(224, 224), (224, 308)])  # 308 px: windows of two lengths
+def test_packed_window_attention_equals_the_stock_per_window_path(size, monkeypatch):
+    adapter, model = loaded("qwen2_5_vl_tiny")
+    config = model.model.visual.config
+    assert config._attn_implementation == qwen2_5_vl.PACKED_ATTENTION
+    calls = []
+    packed = qwen2_5_vl.packed_window_attention
+    monkeypatch.setitem(AttentionInterface._global_mapping, qwen2_5_vl.PACKED_ATTENTION,
+                        lambda *a, **k: calls.append(1) or packed(*a, **k))
+    points = list(adapter.entry.points)
+    batch = images(3, size)
+    fast = extract_points(adapter, model, batch, points, CPU)
+    monkeypatch.setattr(config, "_attn_implementation", "sdpa")
+    stock = extract_points(adapter, model, batch, points, CPU)
+    assert len(calls) == len(model.model.visual.blocks)
+    assert all(torch.equal(fast[p], stock[p]) for p in points)
+    if size[1] == 308:  # the windows of unequal lengths were exercised
+        assert any(len(set(lengths)) > 1 for _, lengths in qwen2_5_vl.window_lengths.seen)

@@ -16,8 +16,13 @@ from test_models_vlm import CPU, images, loaded
 from test_probe_trained import DENSE, tiny  # noqa: F401 (`tiny` is a fixture)
 from vlmprobe.align import intervals
 from vlmprobe.align import metrics as align
-from vlmprobe.extract.engine import NonFiniteFeatures, extract_to_store, require_finite_features
-from vlmprobe.extract.store import shard_path
+from vlmprobe.extract.engine import (
+    NonFiniteFeatures,
+    extract_to_store,
+    finiteness,
+    require_finite_features,
+)
+from vlmprobe.extract.store import STORED_DTYPE, shard_path
 from vlmprobe.io import NonFiniteJSON, write_json
 from vlmprobe.metrics import boxes, coco_map, image
 from vlmprobe.metrics.finite import NonFiniteInput, nonfinite_counts, require_finite
@@ -269,6 +274,14 @@ def test_engine_refuses_a_nan_batch_before_writing_its_shard(tmp_path, monkeypat
 def test_engine_refuses_values_the_float16_store_would_hold_as_inf():
     tokens = torch.zeros(2, 3, 4)
     tokens[0, 1, 2] = 1e5  # finite in fp32, beyond float16's 65504
+    stored = tokens.to(STORED_DTYPE)
     with pytest.raises(NonFiniteFeatures, match=r"0 NaN and 1 inf .*1 of the inf are finite"):
-        require_finite_features("V", tokens, [7, 8], 0)
-    require_finite_features("V", torch.ones(2, 3, 4), [7, 8], 0)
+        require_finite_features("V", stored, finiteness(tokens, stored).tolist(), [7, 8], 0)
+    tokens[0, 1, 2] = float("inf")  # inf before the cast: not an overflow
+    stored = tokens.to(STORED_DTYPE)
+    with pytest.raises(NonFiniteFeatures) as caught:
+        require_finite_features("V", stored, finiteness(tokens, stored).tolist(), [7, 8], 0)
+    assert "0 NaN and 1 inf" in str(caught.value) and "finite values beyond" not in str(
+        caught.value)
+    ones = torch.ones(2, 3, 4)
+    require_finite_features("V", ones.half(), finiteness(ones, ones.half()).tolist(), [7, 8], 0)

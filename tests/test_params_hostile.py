@@ -102,6 +102,10 @@ HOSTILE = [
     ("no extraction points", {"extract.points": []},
      "extract.points = [] must be 'all' or a non-empty list of point ids of model "
      "'dinov2_small': layer3, layer6, layer9, layer12, final"),
+    ("batch size neither a number nor auto", {"extract.batch_size": "max"},
+     "extract.batch_size = 'max' is invalid; expected `auto` (the largest batch that fits on "
+     "the GPU; 16 on CPU) or an integer in [1, 4096]. Fix: `dvc exp run -S "
+     "extract.batch_size=auto`."),
     # In-range nonsense.
     ("no dense controls", {"probe.dense.controls": []},
      "probe.dense.controls = [] is invalid; expected `all`, `deepest`, `none` (run it nowhere)"),

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (mkstemp and mkdtemp ignore it: their files are 0600, 0700)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -27,7 +28,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    tmp_path.chmod(0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+    tmp_path.chmod(0o666 & ~umask())  # mkstemp creates 0600; give the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -107,7 +108,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())
+    tmp.chmod(0o777 & ~umask())
     try:
         yield tmp
         if path.exists():

@@ -3,22 +3,28 @@
 Layout of a store directory:
     manifest.json                    model, weights, image ids, per-point dim and geometry
     <point>/shard-00000.safetensors  {"features": (n, T, D) float16, "image_ids": (n,) int64}
-Shards are written atomically, so a shard file that exists is complete; an interrupted
-extraction resumes from the shards already written.
+Shards are written as their rows arrive, into a hidden temporary renamed into place when
+complete, so a shard file that exists is complete; an interrupted extraction resumes from the
+shards already written (and deletes the temporaries a killed one left).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vlmprobe.extract.geometry import TokenGeometry
-from vlmprobe.io import atomic_path, read_json, write_json
+from vlmprobe.io import read_json, umask, write_json
 
 MANIFEST = "manifest.json"
 STORED_DTYPE = torch.float16  # what shards hold; finite values beyond +-65504 become inf
@@ -28,16 +34,81 @@ def shard_path(root: Path, point: str, index: int) -> Path:
     return root / point / f"shard-{index:05d}.safetensors"
 
 
+SAFETENSORS_DTYPES = {torch.float16: "F16", torch.int64: "I64"}
+TMP_SUFFIX = ".tmp"
+SHARD_MODE = 0o666 & ~umask()  # read once, at import: setting the umask to read it races threads
+
+
+class ShardFile:
+    """One shard written as its rows arrive, so no shard is ever held whole in memory.
+
+    The bytes are exactly those of `safetensors.torch.save_file({"features": ..., "image_ids":
+    ...})` (tested): the header (both shapes are known from the first rows), the image ids,
+    then the features row block by row block. The file is a hidden temporary beside the shard
+    until every row is in, then renamed onto it: a shard file that exists is complete.
+    """
+
+    def __init__(self, root: Path, point: str, index: int, ids: list[int],
+                 row_shape: tuple[int, ...]):
+        self.path = shard_path(root, point, index)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.shape = (len(ids), *row_shape)
+        self.rows = 0
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TMP_SUFFIX,
+                                   dir=self.path.parent)
+        self.tmp = Path(tmp)
+        self.file = os.fdopen(fd, "wb")
+        id_bytes = 8 * len(ids)
+        feature_bytes = math.prod(self.shape) * STORED_DTYPE.itemsize
+        header = json.dumps({
+            "image_ids": {"dtype": "I64", "shape": [len(ids)], "data_offsets": [0, id_bytes]},
+            "features": {"dtype": SAFETENSORS_DTYPES[STORED_DTYPE], "shape": list(self.shape),
+                         "data_offsets": [id_bytes, id_bytes + feature_bytes]},
+        }, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        self.file.write(struct.pack("<Q", len(header)) + header)
+        self.file.write(np.asarray(ids, dtype="<i8").tobytes())
+
+    def write(self, features: torch.Tensor) -> None:
+        """Append the next rows: a contiguous STORED_DTYPE host tensor of (n, *row_shape)."""
+        if features.dtype != STORED_DTYPE or tuple(features.shape[1:]) != self.shape[1:]:
+            raise ValueError(f"{self.path}: rows of {features.dtype} {tuple(features.shape)} "
+                             f"for a shard of {STORED_DTYPE} {self.shape}")
+        if self.rows + len(features) > self.shape[0]:
+            raise ValueError(f"{self.path}: more than its {self.shape[0]} rows")
+        self.file.write(memoryview(features.contiguous().numpy()).cast("B"))  # no GIL held
+        self.rows += len(features)
+
+    def close(self) -> None:
+        """Rename the complete shard into place."""
+        if self.rows != self.shape[0]:
+            self.abort()
+            raise ValueError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+        self.file.close()
+        self.tmp.chmod(SHARD_MODE)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop an unfinished shard: close and delete its temporary."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+
+def remove_unfinished_shards(root: Path) -> None:
+    """Delete the temporaries a killed extraction left under `root` (complete shards stay)."""
+    for tmp in root.glob(f"*/.shard-*{TMP_SUFFIX}"):
+        tmp.unlink()
+
+
 def write_shard(root: Path, point: str, index: int, features: torch.Tensor, ids: list[int]) -> None:
-    path = shard_path(root, point, index)
-    with atomic_path(path) as tmp:
-        save_file(
-            {
-                "features": features.to(STORED_DTYPE).contiguous().cpu(),
-                "image_ids": torch.tensor(ids, dtype=torch.int64),
-            },
-            str(tmp),
-        )
+    shard = ShardFile(root, point, index, ids, tuple(features.shape[1:]))
+    try:
+        shard.write(features.to(STORED_DTYPE).cpu())
+    except BaseException:
+        shard.abort()
+        raise
+    shard.close()
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,22 @@ Point kinds: `vision` (a vision block's output at patch resolution, `layer` 1-ba
 `merger` (after the 2x2 patch merger, the LLM's token grid) and `llm`. The vision tower runs
 blocks on window-permuted merge units; both vision kinds are restored to row-major order.
 Asked to ground an object it writes JSON with `bbox_2d` in absolute pixels of its input.
+
+The vision tower's attention runs through `packed_window_attention` (registered with
+transformers' attention interface, the library itself untouched): under SDPA, transformers
+launches one attention call per window (16 windows per 448-px image, for each of 32 blocks) and
+the GPU waits on the host; one call per run of equal-length windows gives the same outputs.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.models.vlm import (
@@ -25,6 +33,56 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 TEMPLATE = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n"
             "<|im_start|>assistant\n")
+
+# transformers passes a packed sequence's boundaries (cu_seqlens) only to an implementation
+# whose name says flash; this one runs torch SDPA.
+PACKED_ATTENTION = "flash_packed_sdpa_vlmprobe"
+
+
+class WindowLengths:
+    """Lengths of a packed sequence's windows, read from the device once per boundary tensor:
+    every block of one forward pass gets the same `cu_seqlens` object, so this is one host sync
+    per pass instead of one per block."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[weakref.ref, list[int]]] = []
+
+    def __call__(self, cu_seqlens: torch.Tensor) -> list[int]:
+        for ref, lengths in self.seen:
+            if ref() is cu_seqlens:
+                return lengths
+        lengths = cu_seqlens.diff().tolist()
+        self.seen = [(weakref.ref(cu_seqlens), lengths), *self.seen[:1]]  # windows, full
+        return lengths
+
+
+window_lengths = WindowLengths()
+
+
+def packed_window_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                            cu_seq_lens_q: torch.Tensor, scaling: float | None = None,
+                            dropout: float = 0.0, **_: Any) -> tuple[torch.Tensor, None]:
+    """Attention within each window of a packed (1, H, N, D) sequence, as transformers' SDPA
+    path computes it window by window, but with the windows of each run of equal lengths
+    stacked into one batch. Returns (1, N, H, D), as the per-window path concatenates it."""
+    outputs, offset, lengths = [], 0, window_lengths(cu_seq_lens_q)
+    run_start = 0
+    for i in range(1, len(lengths) + 1):
+        if i < len(lengths) and lengths[i] == lengths[run_start]:
+            continue
+        n, length = i - run_start, lengths[run_start]
+        span = slice(offset, offset + n * length)
+        q, k, v = (t[0, :, span].unflatten(1, (n, length)).transpose(0, 1)
+                   for t in (query, key, value))
+        out, _ = sdpa_attention_forward(module, q, k, v, attention_mask=None, scaling=scaling,
+                                        dropout=dropout, is_causal=False)
+        outputs.append(out.reshape(1, n * length, *out.shape[2:]))
+        offset, run_start = offset + n * length, i
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_window_attention)
 
 
 class Qwen25VLAdapter(ProcessorVLMAdapter):
@@ -55,6 +113,8 @@ class Qwen25VLAdapter(ProcessorVLMAdapter):
 
         config = model.config
         self.vision_config = config.vision_config
+        if self.vision_config._attn_implementation == "sdpa":
+            self.vision_config._attn_implementation = PACKED_ATTENTION
         self.image_token_id = config.image_token_id
         if pretrained is not None:
             location, kwargs = pretrained

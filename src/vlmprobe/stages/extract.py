@@ -22,7 +22,12 @@ import numpy as np
 import torch
 
 from vlmprobe.data.dataset import SPLITS, load_all_images
-from vlmprobe.extract.engine import NonFiniteFeatures, extract_to_store
+from vlmprobe.extract.engine import (
+    CPU_BATCH_SIZE,
+    NonFiniteFeatures,
+    choose_batch_size,
+    extract_to_store,
+)
 from vlmprobe.extract.scratch import finish, scratch_store
 from vlmprobe.io import write_json
 from vlmprobe.models.base import WeightsUnavailable, dtype_for, resolve_device
@@ -49,7 +54,7 @@ def validate(params: dict) -> dict:
         "entry": entry,
         "points": points,
         "clip_points": clip_points(points, get(params, "extract.clip_points")),
-        "batch_size": require_int(params, "extract.batch_size", 1, 4096),
+        "batch_size": batch_size_param(params),
         "shard_size": require_int(params, "extract.shard_size", 1, 100_000),
         "device": resolve_device(require_choice(params, "extract.device", DEVICES),
                                  "extract.device"),
@@ -58,6 +63,20 @@ def validate(params: dict) -> dict:
     }
     config["adapter"].check_points(points, Path.cwd())
     return config
+
+
+def batch_size_param(params: dict) -> int | str:
+    """`extract.batch_size`: an integer, or `auto` (the largest that fits on the GPU)."""
+    value = get(params, "extract.batch_size")
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+        raise ParamsError(
+            f"params.yaml: extract.batch_size = {value!r} is invalid; expected `auto` (the "
+            f"largest batch that fits on the GPU; {CPU_BATCH_SIZE} on CPU) or an integer in "
+            "[1, 4096]. Fix: `dvc exp run -S extract.batch_size=auto`."
+        )
+    return value
 
 
 def clip_points(points: list[str], requested: str | list[str]) -> list[str]:
@@ -140,8 +159,14 @@ def main(argv: list[str] | None = None) -> None:
             Path.cwd(), args.work / "file-hashes.json")
     except WeightsUnavailable as e:
         raise SystemExit(f"error: {e}") from None
+    if config["batch_size"] == "auto":
+        config["batch_size"], batch_choice = choose_batch_size(
+            adapter, model, images, config["points"], device, config["shard_size"])
+    else:
+        batch_choice = "params.yaml"
     print(f"{entry.display_name}: points {', '.join(config['points'])} on {len(image_ids)} "
-          f"images and {len(clip_ids)} clip frames")
+          f"images and {len(clip_ids)} clip frames, batch size {config['batch_size']} "
+          f"({batch_choice})")
     common = {
         "vlm": entry.name,
         "display_name": entry.display_name,
@@ -173,12 +198,14 @@ def main(argv: list[str] | None = None) -> None:
     for work, out in finished:
         finish(work)
         publish(work, out)
-    write_json(args.metrics, extraction_metrics(manifests, timings, device, provenance))
+    batching = {"batch_size": config["batch_size"], "batch_size_choice": batch_choice}
+    write_json(args.metrics,
+               extraction_metrics(manifests, timings, device, provenance, batching))
 
 
 def extraction_metrics(manifests: dict, timings: dict, device: torch.device,
-                       provenance: dict) -> dict:
-    """What metrics/extract.json records: sizes per point, speed, device, weights."""
+                       provenance: dict, batching: dict) -> dict:
+    """What metrics/extract.json records: sizes per point, speed, device, batching, weights."""
     images = manifests["images"]
     extracted = sum(t["images"] for t in timings.values())
     seconds = sum(t["seconds"] for t in timings.values())
@@ -191,6 +218,7 @@ def extraction_metrics(manifests: dict, timings: dict, device: torch.device,
         "clip_frames": len(manifests["clips"]["image_ids"]),
         # Over the images this run computed (a resumed run skips finished shards); null if none.
         "seconds_per_image": round(seconds / extracted, 4) if extracted else None,
+        **batching,
         "points": {p: {"n_tokens": info["n_tokens"], "dim": info["dim"]}
                    for p, info in images["points"].items()},
         "weights": provenance,
