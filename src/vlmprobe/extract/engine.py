@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlmprobe.extract.distributed import ONE_PROCESS, Ranks
 from vlmprobe.extract.hooks import capture_outputs
 from vlmprobe.extract.store import (
     STORED_DTYPE,
@@ -296,7 +297,7 @@ def prepared(adapter: ModelAdapter, images: np.ndarray, batches: list[Batch],
             yield batch, inputs
 
 
-def extract_to_store(
+def extract_shards(
     adapter: ModelAdapter,
     model: torch.nn.Module,
     images: np.ndarray,
@@ -307,33 +308,28 @@ def extract_to_store(
     batch_size: int,
     shard_size: int,
     device: torch.device,
-    manifest_extra: dict[str, Any],
-    timing: dict[str, float] | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> dict[str, Any]:
-    """Extract every point for every image into a sharded store at `root`; resumable.
+    """Extract the shards of `root` that `ranks` owns and that are not complete yet.
 
-    Shards already complete under `root` (from an interrupted run with the same settings)
-    are kept and skipped; batches start at shard boundaries, so a resumed run computes
-    exactly the batches an uninterrupted one would. Returns the manifest. If `timing` is
-    given, it receives `images` (extracted by this call, not skipped), `seconds` and
-    `busy_seconds` (`Busy`).
+    Batches start at shard boundaries, so a resumed run computes exactly the batches an
+    uninterrupted one would. Returns `images` (extracted here), `seconds` and `busy_seconds`
+    (`Busy`).
     """
-    n_shards = math.ceil(len(image_ids) / shard_size)
     image_size = tuple(images.shape[1:3])
     copies, busy = HostCopies(device), Busy()
     shards = ShardStream(root, points, image_ids, shard_size, copies, busy)
-    remove_unfinished_shards(root)
     batches = [
         Batch(shard, start, min(start + batch_size, shards.bounds(shard)[1]))
-        for shard in range(n_shards)
-        if not all(shard_path(root, p, shard).exists() for p in points)
+        for shard in range(math.ceil(len(image_ids) / shard_size))
+        if ranks.owns(shard) and not all(shard_path(root, p, shard).exists() for p in points)
         for start in range(*shards.bounds(shard), batch_size)
     ]
     todo = sum(b.stop - b.start for b in batches)
     started = time.perf_counter()
     handed: deque[tuple[Batch, Future]] = deque()
-    with tqdm(total=len(image_ids), initial=len(image_ids) - todo, desc="extract",
-              unit="img") as bar:
+    rank = f" (rank {ranks.rank} of {ranks.world})" if ranks.world > 1 else ""
+    with tqdm(total=todo, desc=f"extract{rank}", unit="img") as bar:
         def collect(keep: int) -> None:
             """Surface the shard thread's results, oldest first (an error stops the run), until
             at most `keep` batches are still in its hands; count the finished images."""
@@ -357,14 +353,39 @@ def extract_to_store(
                 future.cancel()  # after an error: no batch past it is stored
             shards.close()
     elapsed = time.perf_counter() - started
-    if timing is not None:
-        timing.update(images=todo, seconds=elapsed,
-                      busy_seconds={k: round(v, 3) for k, v in busy.seconds.items()})
     if todo:
-        print(f"extracted {todo} images in {elapsed:.1f} s "
+        print(f"extracted {todo} images{rank} in {elapsed:.1f} s "
               f"({todo / elapsed:.1f} img/s on {device}, batch {batch_size})")
-    return write_store_manifest(adapter, root, points, image_ids, n_shards, image_size,
-                                manifest_extra)
+    return {"images": todo, "seconds": elapsed,
+            "busy_seconds": {k: round(v, 3) for k, v in busy.seconds.items()}}
+
+
+def extract_to_store(
+    adapter: ModelAdapter,
+    model: torch.nn.Module,
+    images: np.ndarray,
+    image_ids: list[int],
+    points: list[str],
+    root: Path,
+    *,
+    batch_size: int,
+    shard_size: int,
+    device: torch.device,
+    manifest_extra: dict[str, Any],
+    timing: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Extract every point for every image into a sharded store at `root`, in this process;
+    resumable. Shards already complete under `root` (from an interrupted run with the same
+    settings) are kept and skipped. Returns the manifest; `timing`, if given, receives
+    `extract_shards`' figures."""
+    remove_unfinished_shards(root)
+    figures = extract_shards(adapter, model, images, image_ids, points, root,
+                             batch_size=batch_size, shard_size=shard_size, device=device)
+    if timing is not None:
+        timing.update(figures)
+    return write_store_manifest(adapter, root, points, image_ids,
+                                math.ceil(len(image_ids) / shard_size),
+                                tuple(images.shape[1:3]), manifest_extra)
 
 
 def write_store_manifest(adapter: ModelAdapter, root: Path, points: list[str],

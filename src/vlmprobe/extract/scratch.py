@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vlmprobe.extract.store import remove_unfinished_shards
 from vlmprobe.io import read_json, write_json
 
 KEY_FILE = "key.json"
@@ -38,9 +39,14 @@ def changed_parts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changed
 
 
+def scratch_path(work: Path, prefix: str, key: dict[str, Any]) -> Path:
+    return work / f"{prefix}-{key_digest(key)}"
+
+
 def scratch_store(work: Path, prefix: str, key: dict[str, Any]) -> Path:
-    """The scratch store `work/<prefix>-<digest of key>`, after removing stale `<prefix>-*` ones."""
-    root = work / f"{prefix}-{key_digest(key)}"
+    """The scratch store `work/<prefix>-<digest of key>`, after removing stale `<prefix>-*` ones
+    and the unfinished shards a killed run left in it."""
+    root = scratch_path(work, prefix, key)
     for stale in sorted(p for p in work.glob(f"{prefix}-*") if p.is_dir() and p != root):
         old_key = stale / KEY_FILE
         changed = (", ".join(changed_parts(read_json(old_key), key)) if old_key.is_file()
@@ -50,6 +56,7 @@ def scratch_store(work: Path, prefix: str, key: dict[str, Any]) -> Path:
         shutil.rmtree(stale)
     if not (root / KEY_FILE).is_file():
         write_json(root / KEY_FILE, key)
+    remove_unfinished_shards(root)
     return root
 
 

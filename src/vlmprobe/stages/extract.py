@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import shutil
 import sys
@@ -22,13 +23,16 @@ import numpy as np
 import torch
 
 from vlmprobe.data.dataset import SPLITS, load_all_images
+from vlmprobe.extract import distributed
+from vlmprobe.extract.distributed import ONE_PROCESS, Ranks
 from vlmprobe.extract.engine import (
     CPU_BATCH_SIZE,
     NonFiniteFeatures,
     choose_batch_size,
-    extract_to_store,
+    extract_shards,
+    write_store_manifest,
 )
-from vlmprobe.extract.scratch import finish, scratch_store
+from vlmprobe.extract.scratch import finish, scratch_path, scratch_store
 from vlmprobe.io import write_json
 from vlmprobe.models.base import WeightsUnavailable, dtype_for, resolve_device
 from vlmprobe.models.registry import RegistryError, adapter_for, get_entry, select_points
@@ -59,8 +63,15 @@ def validate(params: dict) -> dict:
         "device": resolve_device(require_choice(params, "extract.device", DEVICES),
                                  "extract.device"),
         "loader_workers": require_int(params, "extract.loader_workers", 0, 64),
+        "processes": require_int(params, "extract.processes", 1, 1024),
         "adapter": adapter_for(entry),
     }
+    if (config["processes"] > 1 and config["device"].type == "cuda"
+            and config["processes"] > torch.cuda.device_count()):
+        raise ParamsError(
+            f"params.yaml: extract.processes = {config['processes']} on CUDA, but "
+            f"{torch.cuda.device_count()} GPUs are visible: one process per GPU. Fix: `dvc exp "
+            f"run -S extract.processes={torch.cuda.device_count()}`.")
     config["adapter"].check_points(points, Path.cwd())
     return config
 
@@ -106,7 +117,7 @@ def scratch_key(config: dict, device: torch.device, data_files: list[Path], poin
     return {
         "entry": sha256(config["entry"].path.read_bytes()),
         "settings": {"points": points, "shard_size": config["shard_size"],
-                     "batch_size": config["batch_size"], "device": str(device)},
+                     "batch_size": config["batch_size"], "device": device.type},
         "data": {path.name: sha256(path.read_bytes()) for path in data_files},
         # The decoded pixels the model sees: an image edited in place keeps its JSON.
         "pixels": sha256(np.ascontiguousarray(frames)),
@@ -134,7 +145,7 @@ def publish(work: Path, out: Path) -> None:
     os.replace(work, out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("data/images"))
     parser.add_argument("--clips", type=Path, default=Path("data/clips"))
@@ -147,9 +158,24 @@ def main(argv: list[str] | None = None) -> None:
         config = validate(load_params(PARAMS))
     except (ParamsError, RegistryError, WeightsUnavailable) as e:
         raise SystemExit(f"error: {e}") from None
+    if config["processes"] > 1 and not distributed.launched():
+        return distributed.relaunch(config["processes"], "vlmprobe.stages.extract",
+                                    sys.argv[1:] if argv is None else argv)
+    if distributed.launched():
+        ranks, device = distributed.start(config["device"])
+    else:
+        ranks, device = ONE_PROCESS, config["device"]
+    try:
+        extract(args, config, ranks, device)
+    finally:
+        distributed.stop()
+    return 0
 
+
+def extract(args: argparse.Namespace, config: dict, ranks: Ranks, device: torch.device) -> None:
+    """The stage's work in one process, or in one rank of several (`ranks`)."""
     torch.manual_seed(0)
-    entry, adapter, device = config["entry"], config["adapter"], config["device"]
+    entry, adapter = config["entry"], config["adapter"]
     image_ids, images = load_all_images(args.data, config["loader_workers"])
     clip_ids, clip_frames, clips, n_frames = load_clip_frames(args.clips)
     try:
@@ -160,13 +186,16 @@ def main(argv: list[str] | None = None) -> None:
     except WeightsUnavailable as e:
         raise SystemExit(f"error: {e}") from None
     if config["batch_size"] == "auto":
-        config["batch_size"], batch_choice = choose_batch_size(
+        chosen, batch_choice = choose_batch_size(
             adapter, model, images, config["points"], device, config["shard_size"])
+        config["batch_size"] = int(distributed.reduce(chosen, "min"))  # every rank the same
     else:
         batch_choice = "params.yaml"
-    print(f"{entry.display_name}: points {', '.join(config['points'])} on {len(image_ids)} "
-          f"images and {len(clip_ids)} clip frames, batch size {config['batch_size']} "
-          f"({batch_choice})")
+    processes = f", {ranks.world} processes" if ranks.world > 1 else ""
+    if ranks.main:
+        print(f"{entry.display_name}: points {', '.join(config['points'])} on "
+              f"{len(image_ids)} images and {len(clip_ids)} clip frames, batch size "
+              f"{config['batch_size']} ({batch_choice}){processes}")
     common = {
         "vlm": entry.name,
         "display_name": entry.display_name,
@@ -182,23 +211,34 @@ def main(argv: list[str] | None = None) -> None:
     timings, manifests, finished = {}, {}, []
     for name, data_files, points, ids, frames, out, extra in jobs:
         key = scratch_key(config, device, data_files, points, frames, model_identity)
-        work = scratch_store(args.work, f"extract-{name}-{entry.name}", key)
-        timings[name] = {}
+        prefix = f"extract-{name}-{entry.name}"
+        # Rank 0 readies the scratch store (stale stores and unfinished shards removed).
+        work = scratch_store(args.work, prefix, key) if ranks.main else scratch_path(
+            args.work, prefix, key)
+        distributed.barrier()
         try:
-            manifests[name] = extract_to_store(
-                adapter, model, frames, ids, points, work,
-                batch_size=config["batch_size"], shard_size=config["shard_size"], device=device,
-                manifest_extra={**common, **extra}, timing=timings[name],
-            )
+            figures = extract_shards(
+                adapter, model, frames, ids, points, work, batch_size=config["batch_size"],
+                shard_size=config["shard_size"], device=device, ranks=ranks)
         except NonFiniteFeatures as e:
             raise SystemExit(f"error: {entry.name} {name}: {e}") from None
+        distributed.barrier()
+        timings[name] = {"images": int(distributed.reduce(figures["images"], "sum")),
+                         "seconds": distributed.reduce(figures["seconds"], "max")}
+        if ranks.main:
+            manifests[name] = write_store_manifest(
+                adapter, work, points, ids, math.ceil(len(ids) / config["shard_size"]),
+                tuple(frames.shape[1:3]), {**common, **extra})
         finished.append((work, out))
+    if not ranks.main:
+        return
     # Publish only once both stores are complete, so a run killed during the clips still
     # finds the images' scratch store and resumes instead of starting over.
     for work, out in finished:
         finish(work)
         publish(work, out)
-    batching = {"batch_size": config["batch_size"], "batch_size_choice": batch_choice}
+    batching = {"batch_size": config["batch_size"], "batch_size_choice": batch_choice,
+                "processes": ranks.world}
     write_json(args.metrics,
                extraction_metrics(manifests, timings, device, provenance, batching))
 
@@ -211,7 +251,7 @@ def extraction_metrics(manifests: dict, timings: dict, device: torch.device,
     seconds = sum(t["seconds"] for t in timings.values())
     return {
         "vlm": images["vlm"],
-        "device": str(device),
+        "device": device.type,
         "dtype": str(dtype_for(device)).removeprefix("torch."),
         "stored_dtype": images["dtype"],
         "images": len(images["image_ids"]),
