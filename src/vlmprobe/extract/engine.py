@@ -127,18 +127,20 @@ def choose_batch_size(adapter: ModelAdapter, model: torch.nn.Module, images: np.
     if device.type != "cuda":
         return min(CPU_BATCH_SIZE, limit), f"auto on CPU: {CPU_BATCH_SIZE} (at most {limit})"
     limit = max(1, min(limit, AUTO_BATCH_LIMIT))
+    cards = range(torch.cuda.device_count())  # a model split over cards: each must fit
     budget = AUTO_MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory
     chosen, size, peaks = 1, 1, []
     while size <= limit:
         sample = images[np.arange(size) % len(images)]
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        for card in cards:
+            torch.cuda.reset_peak_memory_stats(card)
         try:
             tokens = device_points(adapter, model, adapter.prepare(sample, device), points,
                                    tuple(images.shape[1:3]))
             in_flight = 2 * sum(t.numel() for t in tokens.values()) * STORED_DTYPE.itemsize
             del tokens
-            peak = torch.cuda.max_memory_allocated(device) + in_flight
+            peak = max(torch.cuda.max_memory_allocated(card) for card in cards) + in_flight
         except torch.OutOfMemoryError:
             peak = math.inf
         torch.cuda.empty_cache()
@@ -179,18 +181,20 @@ class Transfer:
     """One batch's stored-dtype tokens on their way to the host."""
 
     host: dict[str, torch.Tensor]
-    counts: torch.Tensor  # (points, 2): `finiteness` of each point
-    done: torch.cuda.Event | None = None
+    counts: dict[str, torch.Tensor]  # `finiteness` of each point
+    done: list[torch.cuda.Event] = field(default_factory=list)
+    pinned: list[torch.Tensor] = field(default_factory=list)  # buffers to give back
     device_tensors: list[torch.Tensor] = field(default_factory=list)  # live until `done`
 
 
 class HostCopies:
-    """Device -> host copies. On CUDA: into pinned buffers reused batch after batch, on a side
-    stream, so the copy overlaps the next batch's forward pass; on the CPU: nothing to copy.
-    Buffers are taken on the extraction thread and given back on the assembly thread."""
+    """Device -> host copies. From a CUDA device: into pinned buffers reused batch after batch,
+    on a side stream of that device, so the copy overlaps the next batch's forward pass (a
+    model split over devices has tokens on several); from the CPU: nothing to copy. Buffers
+    are taken on the extraction thread and given back on the shard thread."""
 
-    def __init__(self, device: torch.device):
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    def __init__(self) -> None:
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.free: dict[tuple, list[torch.Tensor]] = {}
         self.lock = threading.Lock()
 
@@ -205,27 +209,33 @@ class HostCopies:
         with torch.inference_mode():
             stored = {p: t.to(STORED_DTYPE, memory_format=torch.contiguous_format)
                       for p, t in tokens.items()}
-            counts = torch.stack([finiteness(tokens[p], stored[p]) for p in tokens])
-        if self.stream is None:
-            return Transfer(stored, counts)
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            host = {p: self._buffer(s).copy_(s, non_blocking=True) for p, s in stored.items()}
-            host_counts = self._buffer(counts).copy_(counts, non_blocking=True)
-            done = self.stream.record_event()
-        return Transfer(host, host_counts, done, [*stored.values(), counts])
+            counts = {p: finiteness(tokens[p], stored[p]) for p in tokens}
+        transfer = Transfer(host={}, counts={})
+        for p, tensor in stored.items():
+            if tensor.device.type != "cuda":
+                transfer.host[p], transfer.counts[p] = tensor, counts[p]
+                continue
+            if tensor.device not in self.streams:
+                self.streams[tensor.device] = torch.cuda.Stream(tensor.device)
+            stream = self.streams[tensor.device]
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(stream):
+                transfer.host[p] = self._buffer(tensor).copy_(tensor, non_blocking=True)
+                transfer.counts[p] = self._buffer(counts[p]).copy_(counts[p], non_blocking=True)
+                transfer.done.append(stream.record_event())
+            transfer.pinned += [transfer.host[p], transfer.counts[p]]
+            transfer.device_tensors += [tensor, counts[p]]
+        return transfer
 
     def wait(self, transfer: Transfer) -> None:
-        if transfer.done is not None:
-            transfer.done.synchronize()
-            transfer.device_tensors.clear()
+        for event in transfer.done:
+            event.synchronize()
+        transfer.device_tensors.clear()
 
     def release(self, transfer: Transfer) -> None:
         """Give the transfer's pinned buffers back for the next batches."""
-        if self.stream is None:
-            return
         with self.lock:
-            for buffer in [*transfer.host.values(), transfer.counts]:
+            for buffer in transfer.pinned:
                 self.free.setdefault((tuple(buffer.shape), buffer.dtype), []).append(buffer)
 
 
@@ -260,8 +270,9 @@ class ShardStream:
     def _store(self, batch: Batch, transfer: Transfer) -> None:
         self.copies.wait(transfer)
         ids = self.image_ids[batch.start:batch.stop]
-        for p, counts in zip(self.points, transfer.counts.tolist(), strict=True):
-            require_finite_features(p, transfer.host[p], counts, ids, batch.start)
+        for p in self.points:
+            require_finite_features(p, transfer.host[p], transfer.counts[p].tolist(), ids,
+                                    batch.start)
         lo, hi = self.bounds(batch.shard)
         for p, tokens in transfer.host.items():
             if p not in self.open:
@@ -317,7 +328,7 @@ def extract_shards(
     (`Busy`).
     """
     image_size = tuple(images.shape[1:3])
-    copies, busy = HostCopies(device), Busy()
+    copies, busy = HostCopies(), Busy()
     shards = ShardStream(root, points, image_ids, shard_size, copies, busy)
     batches = [
         Batch(shard, start, min(start + batch_size, shards.bounds(shard)[1]))

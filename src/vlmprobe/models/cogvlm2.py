@@ -30,6 +30,7 @@ VISION_TOKEN_TYPE = 1
 
 class CogVLM2Adapter(VLMAdapter):
     remote_code = True
+    preload_modules = ("PatchEmbedding",)  # reads position_embedding.weight (visual.py)
     # vocab_size stays: the published code hard-codes padding_idx 128002.
     tiny_config = {
         "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,

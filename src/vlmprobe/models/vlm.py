@@ -129,6 +129,9 @@ class VLMAdapter(ModelAdapter):
     # Where the config holds the LLM's vocabulary size (shrunk to a small tokenizer's length),
     # or None where the code needs the full vocabulary.
     vocab_size_key: ClassVar[tuple[str, ...] | None] = None
+    # Module classes whose forward reads a child's weights without calling the child: split
+    # over devices (`extract.device_map: auto`), accelerate must load them whole.
+    preload_modules: ClassVar[tuple[str, ...]] = ()
 
     # -- family-specific -------------------------------------------------------------------
     @abstractmethod

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vlmprobe.data.dataset import SPLITS, load_all_images
-from vlmprobe.extract import distributed
+from vlmprobe.extract import distributed, placement
 from vlmprobe.extract.distributed import ONE_PROCESS, Ranks
 from vlmprobe.extract.engine import (
     CPU_BATCH_SIZE,
@@ -32,10 +32,12 @@ from vlmprobe.extract.engine import (
     extract_shards,
     write_store_manifest,
 )
+from vlmprobe.extract.placement import require_max_memory
 from vlmprobe.extract.scratch import finish, scratch_path, scratch_store
 from vlmprobe.io import write_json
 from vlmprobe.models.base import WeightsUnavailable, dtype_for, resolve_device
 from vlmprobe.models.registry import RegistryError, adapter_for, get_entry, select_points
+from vlmprobe.models.vlm import VLMAdapter
 from vlmprobe.params import (
     ParamsError,
     get,
@@ -64,6 +66,8 @@ def validate(params: dict) -> dict:
                                  "extract.device"),
         "loader_workers": require_int(params, "extract.loader_workers", 0, 64),
         "processes": require_int(params, "extract.processes", 1, 1024),
+        "device_map": require_choice(params, "extract.device_map", ("none", "auto")),
+        "max_memory": require_max_memory(get(params, "extract.max_memory")),
         "adapter": adapter_for(entry),
     }
     if (config["processes"] > 1 and config["device"].type == "cuda"
@@ -72,6 +76,17 @@ def validate(params: dict) -> dict:
             f"params.yaml: extract.processes = {config['processes']} on CUDA, but "
             f"{torch.cuda.device_count()} GPUs are visible: one process per GPU. Fix: `dvc exp "
             f"run -S extract.processes={torch.cuda.device_count()}`.")
+    if config["device_map"] == "auto":
+        if not isinstance(config["adapter"], VLMAdapter):
+            raise ParamsError(
+                f"params.yaml: extract.device_map = 'auto' splits a VLM over devices; "
+                f"{entry.name!r} is not one (it fits one device). Fix: `dvc exp run -S "
+                "extract.device_map=none`.")
+        if config["processes"] > 1:
+            raise ParamsError(
+                "params.yaml: extract.device_map = 'auto' spreads one model over every device, "
+                f"so it runs in one process, not extract.processes = {config['processes']}. "
+                "Fix: `dvc exp run -S extract.processes=1`.")
     config["adapter"].check_points(points, Path.cwd())
     return config
 
@@ -117,7 +132,9 @@ def scratch_key(config: dict, device: torch.device, data_files: list[Path], poin
     return {
         "entry": sha256(config["entry"].path.read_bytes()),
         "settings": {"points": points, "shard_size": config["shard_size"],
-                     "batch_size": config["batch_size"], "device": device.type},
+                     "batch_size": config["batch_size"], "device": device.type,
+                     "device_map": config["device_map"],
+                     "max_memory": {str(k): v for k, v in config["max_memory"].items()}},
         "data": {path.name: sha256(path.read_bytes()) for path in data_files},
         # The decoded pixels the model sees: an image edited in place keeps its JSON.
         "pixels": sha256(np.ascontiguousarray(frames)),
@@ -179,7 +196,15 @@ def extract(args: argparse.Namespace, config: dict, ranks: Ranks, device: torch.
     image_ids, images = load_all_images(args.data, config["loader_workers"])
     clip_ids, clip_frames, clips, n_frames = load_clip_frames(args.clips)
     try:
-        model = adapter.load(Path.cwd(), device)
+        if config["device_map"] == "auto":
+            # Built on the CPU in the target dtype, then split over the devices.
+            model, device_map = placement.dispatch(
+                adapter.load(Path.cwd(), torch.device("cpu"), dtype=dtype_for(device)),
+                config["max_memory"], args.work / "offload" / entry.name, adapter.dtype,
+                adapter.preload_modules)
+            print(f"{entry.name}: split over {placement.devices_used(device_map)}")
+        else:
+            model = adapter.load(Path.cwd(), device)
         provenance = adapter.weights_provenance(Path.cwd())
         model_identity = adapter.code_and_weights_identity(
             Path.cwd(), args.work / "file-hashes.json")
@@ -238,7 +263,7 @@ def extract(args: argparse.Namespace, config: dict, ranks: Ranks, device: torch.
         finish(work)
         publish(work, out)
     batching = {"batch_size": config["batch_size"], "batch_size_choice": batch_choice,
-                "processes": ranks.world}
+                "processes": ranks.world, "device_map": config["device_map"]}
     write_json(args.metrics,
                extraction_metrics(manifests, timings, device, provenance, batching))
 
