@@ -34,6 +34,7 @@ from vlmprobe.extract.engine import (
 )
 from vlmprobe.extract.placement import require_max_memory
 from vlmprobe.extract.scratch import finish, scratch_path, scratch_store
+from vlmprobe.gpus import claim_device
 from vlmprobe.io import write_json
 from vlmprobe.models.base import WeightsUnavailable, dtype_for, resolve_device
 from vlmprobe.models.registry import RegistryError, adapter_for, get_entry, select_points
@@ -180,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                                     sys.argv[1:] if argv is None else argv)
     if distributed.launched():
         ranks, device = distributed.start(config["device"])
-    else:
+    elif config["device_map"] == "auto":  # every card
         ranks, device = ONE_PROCESS, config["device"]
+    else:
+        ranks, device = ONE_PROCESS, claim_device(config["device"])
     try:
         extract(args, config, ranks, device)
     finally:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from vlmprobe.data.dataset import DatasetError, Split, coco_path, load_split
 from vlmprobe.data.shapes import CATEGORIES
+from vlmprobe.gpus import claim_device
 from vlmprobe.io import read_json, rounded, write_json
 from vlmprobe.models.base import ModelAdapter, WeightsUnavailable, resolve_device
 from vlmprobe.models.registry import RegistryEntry, RegistryError, adapter_for, get_entry
@@ -157,7 +158,7 @@ def ground_model(adapter: ModelAdapter, data: Path, config: dict, skipped: dict[
                  ) -> tuple[dict, dict]:
     """The tests that apply, on the first `images` test images; and what the meta records."""
     try:
-        device = config["device"]
+        device = claim_device(config["device"])
         split = first_images(load_split(data, "test"), config["images"])
         torch.manual_seed(config["seed"])
         model = adapter.load(Path.cwd(), device)
