@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,6 +20,7 @@ from pycocotools.coco import COCO
 from vlmprobe.data.dataset import SPLITS, DatasetError, load_all_images, load_split
 from vlmprobe.data.moving_shapes import DIRECTIONS, generate_moving_shapes
 from vlmprobe.data.shapes import MARGIN, generate_shapes
+from vlmprobe.errors import stage_main
 from vlmprobe.io import read_json
 from vlmprobe.params import ParamsError
 from vlmprobe.stages import data as data_stage
@@ -305,11 +307,11 @@ def test_bad_params_name_the_key(changes, key):
         data_stage.validate(_with(**changes))
 
 
-def test_stage_rejects_bad_params_before_writing(tmp_path, monkeypatch):
+def test_stage_rejects_bad_params_before_writing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(_with(**{"shapes.n_train": 0})))
-    with pytest.raises(SystemExit, match=r"^error: .*data\.shapes\.n_train"):
-        data_stage.main(["--out", "out"])
+    assert stage_main(lambda: data_stage.main(["--out", "out"])) == 1
+    assert re.match(r"^error: .*data\.shapes\.n_train", capsys.readouterr().err)
     assert not Path("out").exists()
 
 

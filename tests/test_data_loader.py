@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import yaml
 from PIL import Image
 
 from vlmprobe.data.loader import parallel_map, read_images
+from vlmprobe.errors import stage_main
 from vlmprobe.params import ParamsError
 from vlmprobe.stages import data as data_stage
 
@@ -66,10 +68,11 @@ def test_bad_source_params_name_the_key(changes, message):
         data_stage.validate(_params(**changes))
 
 
-def test_missing_source_fails_naming_the_param_and_writes_nothing(tmp_path, monkeypatch):
+def test_missing_source_fails_naming_the_param_and_writes_nothing(tmp_path, monkeypatch,
+                                                                 capsys):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(_params(**{"dataset": "coco"})))
-    with pytest.raises(SystemExit, match=r"^error: image directory coco/val2017 not found.*"
-                                         r"data\.coco\.images"):
-        data_stage.main(["--out", "out"])
+    assert stage_main(lambda: data_stage.main(["--out", "out"])) == 1
+    assert re.match(r"^error: image directory coco/val2017 not found.*data\.coco\.images",
+                    capsys.readouterr().err, re.DOTALL)
     assert not Path("out").exists() and not Path("metrics").exists()

@@ -17,11 +17,13 @@ from typing import IO
 
 import torch
 
+from vlmprobe.errors import VlmprobeError
+
 WAIT_S = 5.0
 _held: list[IO] = []  # open lock files: closing one would release its card
 
 
-class NoFreeGPU(RuntimeError):
+class NoFreeGPU(VlmprobeError, RuntimeError):
     """Every card is held by another vlmprobe process (only with a finite `patience_s`)."""
 
 

@@ -23,13 +23,15 @@ from typing import Any
 
 import yaml
 
+from vlmprobe.errors import VlmprobeError
+
 PARAMS_FILE = Path("params.yaml")
 # Registry entry names become parts of output paths (dvc.yaml's `results/p4/${vlm}-...`), so
 # only plain identifiers: `../../x` must never reach a path.
 NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
-class ParamsError(ValueError):
+class ParamsError(VlmprobeError, ValueError):
     """A param is missing, unknown, of the wrong type or out of range, or the file is malformed."""
 
 

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vlmprobe.errors import VlmprobeError
+
 ARCHIVE_DIR_ENV = "VLMPROBE_ARCHIVE_DIR"
 DEFAULT_ARCHIVE_DIR = Path("~/.cache/vlmprobe/archives")
 
@@ -23,7 +25,7 @@ DEFAULT_ARCHIVE_DIR = Path("~/.cache/vlmprobe/archives")
 HASH_MISMATCH = "DO NOT MATCH THE HASHES"  # pip's hash-checking mode's refusal
 
 
-class AssetError(RuntimeError):
+class AssetError(VlmprobeError, RuntimeError):
     """An asset could not be fetched, verified or converted; the message says what to do."""
 
 

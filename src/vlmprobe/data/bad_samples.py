@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vlmprobe.errors import VlmprobeError
+
 POLICIES = ("fail", "skip")
 SHOWN = 20  # problems listed in an error message; the rest are counted
 
@@ -22,7 +24,7 @@ class BadSample:
         return f"{self.file}: {self.problem}"
 
 
-class BadSampleError(ValueError):
+class BadSampleError(VlmprobeError, ValueError):
     """Bad samples under `data.on_bad_sample: fail`."""
 
 

@@ -35,13 +35,14 @@ from vlmprobe.data.bad_samples import SHOWN, BadSample, apply_policy
 from vlmprobe.data.letterbox import Letterbox
 from vlmprobe.data.loader import describe_error, parallel_map
 from vlmprobe.data.shapes import encode_rle, save_png
+from vlmprobe.errors import VlmprobeError
 from vlmprobe.io import atomic_dir, read_json, write_json
 
 BOX_TOLERANCE_PX = 1.0  # COCO's float boxes may overshoot the border by rounding; no more
 SECTIONS = ("images", "annotations", "categories")
 
 
-class SourceError(ValueError):
+class SourceError(VlmprobeError, ValueError):
     """The dataset as a whole cannot be read (not one sample of it)."""
 
 

@@ -14,12 +14,13 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from vlmprobe.data.loader import read_images
+from vlmprobe.errors import MissingInput
 from vlmprobe.io import read_json
 
 SPLITS = ("train", "val", "test")
 
 
-class DatasetError(FileNotFoundError):
+class DatasetError(MissingInput):
     """A dataset file is missing: the data stage has not been run (or its output was removed)."""
 
 

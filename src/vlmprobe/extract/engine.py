@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlmprobe.errors import VlmprobeError
 from vlmprobe.extract.distributed import ONE_PROCESS, Ranks
 from vlmprobe.extract.hooks import capture_outputs
 from vlmprobe.extract.store import (
@@ -42,7 +43,7 @@ AUTO_MEMORY_FRACTION = 0.9  # of the card's memory a chosen batch may use, in-fl
 MAX_BATCHES_IN_FLIGHT = 2  # batches copied but not yet in their shards: bounds pinned memory
 
 
-class NonFiniteFeatures(RuntimeError):
+class NonFiniteFeatures(VlmprobeError, RuntimeError):
     """A point's features hold NaN or inf: stored, they would become plausible-looking metrics
     (one NaN makes every CKA 0.0), so the batch is refused before any shard is written."""
 

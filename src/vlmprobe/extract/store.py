@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from vlmprobe.errors import MissingInput
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.io import read_json, umask, write_json
 
@@ -120,7 +121,7 @@ class FeatureStore:
     def open(cls, root: Path | str) -> FeatureStore:
         root = Path(root)
         if not (root / MANIFEST).exists():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"no feature store at {root} ({MANIFEST} missing). Fix: `dvc repro extract`."
             )
         return cls(root, read_json(root / MANIFEST))

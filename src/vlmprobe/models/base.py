@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlmprobe.errors import VlmprobeError
 from vlmprobe.extract.digests import file_digests
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.models.registry import RegistryEntry
 from vlmprobe.params import ParamsError
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(VlmprobeError, RuntimeError):
     """The entry's weights cannot be found or may not be loaded; the message says the fix."""
 
 

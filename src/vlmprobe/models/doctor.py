@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlmprobe.errors import VlmprobeError
 from vlmprobe.extract.engine import extract_points
 from vlmprobe.models.base import code_revision
 from vlmprobe.models.registry import RegistryEntry, adapter_for
@@ -47,7 +48,7 @@ MAX_PARAMETERS = 50_000_000  # a shrunk model beyond this is not shrunk: the doc
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-class CannotShrink(ValueError):
+class CannotShrink(VlmprobeError, ValueError):
     """The family has no `tiny_config` and the checkpoint is too large for a CPU preflight."""
 
 

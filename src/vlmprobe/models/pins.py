@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from vlmprobe.errors import VlmprobeError
 from vlmprobe.models.registry import (
     PINS_FILE,
     REVISION,
@@ -26,7 +27,7 @@ PINS_HEADER = (
 )
 
 
-class HubUnreachable(RuntimeError):
+class HubUnreachable(VlmprobeError, RuntimeError):
     """No hub answered (offline mode, or no connection); the message is one line."""
 
 

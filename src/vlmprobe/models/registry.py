@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from vlmprobe.errors import VlmprobeError
 from vlmprobe.params import NAME
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ FAMILIES: dict[str, str] = {
 }
 
 
-class RegistryError(ValueError):
+class RegistryError(VlmprobeError, ValueError):
     """An unknown model or point, or a malformed registry entry."""
 
 

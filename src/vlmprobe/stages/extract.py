@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vlmprobe.data.dataset import SPLITS, load_all_images
+from vlmprobe.errors import MissingInput, stage_main
 from vlmprobe.extract import distributed, placement
 from vlmprobe.extract.distributed import ONE_PROCESS, Ranks
 from vlmprobe.extract.engine import (
@@ -36,8 +37,8 @@ from vlmprobe.extract.placement import require_max_memory
 from vlmprobe.extract.scratch import finish, scratch_path, scratch_store
 from vlmprobe.gpus import claim_device
 from vlmprobe.io import write_json
-from vlmprobe.models.base import WeightsUnavailable, dtype_for, resolve_device
-from vlmprobe.models.registry import RegistryError, adapter_for, get_entry, select_points
+from vlmprobe.models.base import dtype_for, resolve_device
+from vlmprobe.models.registry import adapter_for, get_entry, select_points
 from vlmprobe.models.vlm import VLMAdapter
 from vlmprobe.params import (
     ParamsError,
@@ -147,7 +148,7 @@ def load_clip_frames(clips_dir: Path) -> tuple[list[int], np.ndarray, list[int],
     """Every frame of every clip as an image: ids `clip_id * n_frames + t`, frames, clip ids."""
     path = clips_dir / "clips.npz"
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found; run `dvc repro data` to generate the clips.")
+        raise MissingInput(f"{path} not found; run `dvc repro data` to generate the clips.")
     with np.load(path) as clips:
         frames, clip_ids = clips["frames"], [int(c) for c in clips["clip_id"]]
     n_frames = frames.shape[1]
@@ -172,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/extract.json"))
     parser.add_argument("--work", type=Path, default=Path(".vlmprobe"))
     args = parser.parse_args(argv)
-    try:
-        config = validate(load_params(PARAMS))
-    except (ParamsError, RegistryError, WeightsUnavailable) as e:
-        raise SystemExit(f"error: {e}") from None
+    config = validate(load_params(PARAMS))
     if config["processes"] > 1 and not distributed.launched():
         return distributed.relaunch(config["processes"], "vlmprobe.stages.extract",
                                     sys.argv[1:] if argv is None else argv)
@@ -198,21 +196,18 @@ def extract(args: argparse.Namespace, config: dict, ranks: Ranks, device: torch.
     entry, adapter = config["entry"], config["adapter"]
     image_ids, images = load_all_images(args.data, config["loader_workers"])
     clip_ids, clip_frames, clips, n_frames = load_clip_frames(args.clips)
-    try:
-        if config["device_map"] == "auto":
-            # Built on the CPU in the target dtype, then split over the devices.
-            model, device_map = placement.dispatch(
-                adapter.load(Path.cwd(), torch.device("cpu"), dtype=dtype_for(device)),
-                config["max_memory"], args.work / "offload" / entry.name, adapter.dtype,
-                adapter.preload_modules)
-            print(f"{entry.name}: split over {placement.devices_used(device_map)}")
-        else:
-            model = adapter.load(Path.cwd(), device)
-        provenance = adapter.weights_provenance(Path.cwd())
-        model_identity = adapter.code_and_weights_identity(
-            Path.cwd(), args.work / "file-hashes.json")
-    except WeightsUnavailable as e:
-        raise SystemExit(f"error: {e}") from None
+    if config["device_map"] == "auto":
+        # Built on the CPU in the target dtype, then split over the devices.
+        model, device_map = placement.dispatch(
+            adapter.load(Path.cwd(), torch.device("cpu"), dtype=dtype_for(device)),
+            config["max_memory"], args.work / "offload" / entry.name, adapter.dtype,
+            adapter.preload_modules)
+        print(f"{entry.name}: split over {placement.devices_used(device_map)}")
+    else:
+        model = adapter.load(Path.cwd(), device)
+    provenance = adapter.weights_provenance(Path.cwd())
+    model_identity = adapter.code_and_weights_identity(
+        Path.cwd(), args.work / "file-hashes.json")
     if config["batch_size"] == "auto":
         chosen, batch_choice = choose_batch_size(
             adapter, model, images, config["points"], device, config["shard_size"])
@@ -294,4 +289,4 @@ def extraction_metrics(manifests: dict, timings: dict, device: torch.device,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(main))

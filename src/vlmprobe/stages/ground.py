@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlmprobe.data.dataset import DatasetError, Split, coco_path, load_split
+from vlmprobe.data.dataset import Split, coco_path, load_split
 from vlmprobe.data.shapes import CATEGORIES
+from vlmprobe.errors import MissingInput, stage_main
 from vlmprobe.gpus import claim_device
 from vlmprobe.io import read_json, rounded, write_json
-from vlmprobe.models.base import ModelAdapter, WeightsUnavailable, resolve_device
-from vlmprobe.models.registry import RegistryEntry, RegistryError, adapter_for, get_entry
-from vlmprobe.params import ParamsError, load_params, require_choice, require_int, require_name
+from vlmprobe.models.base import ModelAdapter, resolve_device
+from vlmprobe.models.registry import RegistryEntry, adapter_for, get_entry
+from vlmprobe.params import load_params, require_choice, require_int, require_name
 from vlmprobe.probes.grounding import (
     first_images,
     grounding_prompt,
@@ -76,7 +77,7 @@ def shapes_dataset(data: Path) -> bool:
     """Whether `data` holds the synthetic shapes (their categories), which the questions need."""
     path = coco_path(data, "test")
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found; run `dvc repro data` first.")
+        raise MissingInput(f"{path} not found; run `dvc repro data` first.")
     return [c["name"] for c in read_json(path)["categories"]] == [c["name"] for c in CATEGORIES]
 
 
@@ -128,10 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("data/images"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/ground.json"))
     args = parser.parse_args(argv)
-    try:
-        config = validate(load_params(PARAMS))
-    except (ParamsError, RegistryError) as e:
-        raise SystemExit(f"error: {e}") from None
+    config = validate(load_params(PARAMS))
     entry = config["entry"]
     adapter = adapter_for(entry)
     skipped = not_applicable(entry, adapter, args.data)
@@ -157,14 +155,11 @@ def main(argv: list[str] | None = None) -> None:
 def ground_model(adapter: ModelAdapter, data: Path, config: dict, skipped: dict[str, str]
                  ) -> tuple[dict, dict]:
     """The tests that apply, on the first `images` test images; and what the meta records."""
-    try:
-        device = claim_device(config["device"])
-        split = first_images(load_split(data, "test"), config["images"])
-        torch.manual_seed(config["seed"])
-        model = adapter.load(Path.cwd(), device)
-        provenance = adapter.weights_provenance(Path.cwd())
-    except (WeightsUnavailable, DatasetError) as e:
-        raise SystemExit(f"error: {e}") from None
+    device = claim_device(config["device"])
+    split = first_images(load_split(data, "test"), config["images"])
+    torch.manual_seed(config["seed"])
+    model = adapter.load(Path.cwd(), device)
+    provenance = adapter.weights_provenance(Path.cwd())
     result: dict = {}
     if "grounding" not in skipped:
         result.update(run_grounding(adapter, model, split, config, device))
@@ -173,4 +168,4 @@ def ground_model(adapter: ModelAdapter, data: Path, config: dict, skipped: dict[
                     "threads": config["threads"]}
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(main))

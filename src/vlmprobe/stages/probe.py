@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmprobe.data.dataset import SPLITS, Split, load_split
+from vlmprobe.errors import stage_main
 from vlmprobe.extract.store import FeatureStore
 from vlmprobe.io import rounded, write_json, write_text
 from vlmprobe.params import (
@@ -197,10 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plots", type=Path, default=Path("plots/probe"))
     args = parser.parse_args(argv)
     store = FeatureStore.open(args.features)
-    try:
-        config = validate(load_params(PARAMS), store.points)
-    except ParamsError as e:
-        raise SystemExit(f"error: {e}") from None
+    config = validate(load_params(PARAMS), store.points)
     settings = replace(config["settings"], curves_dir=args.plots / "curves")
     seed = config["seed"]
 
@@ -295,4 +293,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(main))

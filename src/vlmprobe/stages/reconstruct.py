@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmprobe.data.dataset import SPLITS, load_split
+from vlmprobe.errors import MissingInput, stage_main
 from vlmprobe.extract.store import FeatureStore
 from vlmprobe.io import read_json, rounded, write_json
 from vlmprobe.metrics.image import Lpips
@@ -37,7 +38,7 @@ from vlmprobe.reconstruct.adapters import ADAPTERS
 from vlmprobe.reconstruct.detector import DetectorSettings, ImageDetector
 from vlmprobe.reconstruct.training import TrainSettings, train_adapter
 from vlmprobe.report.figures import reconstruction_samples
-from vlmprobe.vae.registry import VaeError, get_entry, load_vae
+from vlmprobe.vae.registry import get_entry, load_vae
 
 PARAMS = ("video_vae", "reconstruct")
 CONTROLS = ("pixels", "shuffled")
@@ -136,7 +137,7 @@ def resolve_point(requested: str, store: FeatureStore, target: str, align_metric
     if requested != "best":
         return requested
     if not align_metrics.exists():
-        raise SystemExit(f"error: reconstruct.point = best needs {align_metrics}: run "
+        raise MissingInput(f"reconstruct.point = best needs {align_metrics}: run "
                          "`dvc repro align` first, or name a point.")
     meta = read_json(align_metrics)["meta"]
     if (meta["vlm"], meta["target"]) != (store.manifest["vlm"], target):
@@ -171,10 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plots", type=Path, default=Path("plots/reconstruct"))
     args = parser.parse_args(argv)
     store = FeatureStore.open(args.features)
-    try:
-        config = validate(load_params(PARAMS), store.points)
-    except (ParamsError, VaeError) as e:
-        raise SystemExit(f"error: {e}") from None
+    config = validate(load_params(PARAMS), store.points)
     point = resolve_point(config["point"], store, config["target"], args.align_metrics)
     start = time.perf_counter()
 
@@ -256,4 +254,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(main))

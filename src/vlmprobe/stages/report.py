@@ -10,8 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from vlmprobe.errors import stage_main
 from vlmprobe.io import read_json, write_text
-from vlmprobe.params import ParamsError, load_params, require_name
+from vlmprobe.params import load_params, require_name
 from vlmprobe.report.figures import metrics_by_point
 from vlmprobe.report.spatial import COLUMNS, spatial_markdown, spatial_summary
 
@@ -32,10 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=Path("results/p4"))
     parser.add_argument("--figure", type=Path, default=Path("plots/report/metrics_by_point.png"))
     args = parser.parse_args(argv)
-    try:
-        vlm = validate(load_params(PARAMS))
-    except ParamsError as e:
-        raise SystemExit(f"error: {e}") from None
+    vlm = validate(load_params(PARAMS))
     metrics = read_json(args.metrics)
     if metrics["meta"]["vlm"] != vlm:
         raise SystemExit(
@@ -62,4 +60,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(main))

@@ -12,9 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlmprobe.errors import stage_main
 from vlmprobe.io import read_json, write_json
-from vlmprobe.models.registry import RegistryEntry, RegistryError, get_entry
-from vlmprobe.params import ParamsError, load_params, require_name
+from vlmprobe.models.registry import RegistryEntry, get_entry
+from vlmprobe.params import load_params, require_name
 from vlmprobe.report.spatial import plan
 from vlmprobe.select.criteria import Measurement
 from vlmprobe.select.decide import decide
@@ -54,10 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("metrics", type=Path, nargs="+", help="metrics files to decide from")
     parser.add_argument("--out", type=Path, default=Path("metrics/select.json"))
     args = parser.parse_args(argv)
-    try:
-        config = validate(load_params(PARAMS))
-    except (ParamsError, RegistryError) as e:
-        raise SystemExit(f"error: {e}") from None
+    config = validate(load_params(PARAMS))
     entry = config["entry"]
     files = read_metrics(args.metrics)
     measured = (files["probe"] or {}).get("meta", {}).get("vlm")
@@ -71,4 +69,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stage_main(main))
