@@ -42,6 +42,16 @@ SMALL_PARAMS = {
 }
 
 
+# Quicker still, where a test needs finished outputs but no trained probe: the trained probes
+# off at the model's points (a brief decoder on the pixels control only), so spatial IoU,
+# LPIPS and mAP are "not measured"; the bbox probe still runs and ranks.
+QUICK_PARAMS = {**{f"probe.{probe}.{key}": "none" for probe in ("detr", "dense", "reconstruction")
+                   for key in ("points", "controls")},
+                "probe.reconstruction.controls": ["pixels"], "probe.reconstruction.steps": 50,
+                "probe.reconstruction.eval_every": 25,
+                "reconstruct.warmup_epochs": 1, "reconstruct.bootstrap": 200}
+
+
 def tool_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for subprocesses: this interpreter's venv first on PATH, offline."""
     env = dict(os.environ if base is None else base)

@@ -7,19 +7,9 @@ import json
 
 import pytest
 
-from conftest import make_project, run
+from conftest import QUICK_PARAMS, make_project, run
 
 pytestmark = pytest.mark.slow
-
-# Small and quick: the trained probes off at the model's points (a brief decoder on the pixels
-# control only), so spatial IoU, LPIPS and mAP are "not measured" and the plan's tables must say
-# so rather than guess; the bbox probe still ranks the runs.
-QUICK = {**{f"probe.{probe}.{key}": "none" for probe in ("detr", "dense", "reconstruction")
-            for key in ("points", "controls")},
-         "probe.reconstruction.controls": ["pixels"], "probe.reconstruction.steps": 50,
-         "probe.reconstruction.eval_every": 25,
-         "reconstruct.warmup_epochs": 1, "reconstruct.bootstrap": 200}
-
 
 def tiny_entry(project) -> str:
     """A `<family>_tiny` registry entry (random weights, CPU-sized); LLaVA-NeXT's if listed (a
@@ -30,7 +20,8 @@ def tiny_entry(project) -> str:
 
 
 def test_three_experiments_then_compare_and_pr_report(tmp_path):
-    project = make_project(tmp_path / "project", QUICK)
+    # The plan's tables must say "not measured" for what the quick params leave out.
+    project = make_project(tmp_path / "project", QUICK_PARAMS)
     tiny = tiny_entry(project)
     for vlm in ("pixels", "dinov2_small", tiny):
         run(["dvc", "exp", "run", "-n", vlm.replace("_", "-"), "-S", f"vlm={vlm}"], project)
