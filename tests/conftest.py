@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,19 @@ def run(
             f"\n--- stderr\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def stage_args(name: str) -> list[str]:
+    """The arguments dvc.yaml's `name` stage passes its module: every path it reads or writes
+    (the stages have no default paths; they are written in dvc.yaml alone)."""
+    cmd = shlex.split(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]["cmd"])
+    assert cmd[:3] == ["python", "-m", f"vlmprobe.stages.{name}"], cmd
+    return cmd[3:]
+
+
+def stage_command(name: str) -> list[str]:
+    """dvc.yaml's command for stage `name`, run with this interpreter."""
+    return [sys.executable, "-m", f"vlmprobe.stages.{name}", *stage_args(name)]
 
 
 def set_params(params_file: Path, overrides: dict[str, object]) -> None:

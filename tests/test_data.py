@@ -17,6 +17,7 @@ import yaml
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from conftest import stage_args
 from vlmprobe.data.dataset import SPLITS, DatasetError, load_all_images, load_split
 from vlmprobe.data.moving_shapes import DIRECTIONS, generate_moving_shapes
 from vlmprobe.data.shapes import MARGIN, generate_shapes
@@ -310,14 +311,14 @@ def test_bad_params_name_the_key(changes, key):
 def test_stage_rejects_bad_params_before_writing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(_with(**{"shapes.n_train": 0})))
-    assert stage_main(lambda: data_stage.main(["--out", "out"])) == 1
+    assert stage_main(lambda: data_stage.main(stage_args("data"))) == 1
     assert re.match(r"^error: .*data\.shapes\.n_train", capsys.readouterr().err)
-    assert not Path("out").exists()
+    assert not Path("data").exists() and not Path("metrics").exists()
 
 
 def test_stage_writes_both_datasets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(PARAMS))
-    data_stage.main(["--out", "out"])
-    assert load_split(Path("out/images"), "test").images.shape[0] == SHAPES["n_test"]
-    assert (Path("out/clips") / "clips.npz").is_file()
+    data_stage.main(stage_args("data"))
+    assert load_split(Path("data/images"), "test").images.shape[0] == SHAPES["n_test"]
+    assert (Path("data/clips") / "clips.npz").is_file()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from conftest import ROOT, run, set_params
+from conftest import ROOT, run, set_params, stage_command
 from fixture_datasets import ANNOTATIONS, CATEGORIES, corrupt_coco, make_coco, png_header
 from vlmprobe.data.bad_samples import POLICIES, BadSample, BadSampleError
 from vlmprobe.data.coco import (
@@ -200,7 +199,7 @@ def test_data_stage_reports_a_malformed_file_without_a_traceback(tmp_path):
         "data.dataset": "coco", "data.coco.images": str(source / "val2017"),
         "data.coco.annotations": str(source / ANNOTATIONS), "data.coco.n_train": 4,
         "data.coco.n_val": 2, "data.coco.n_test": 2})
-    result = run([sys.executable, "-m", "vlmprobe.stages.data"], project, check=False)
+    result = run(stage_command("data"), project, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "`bbox` = ['1', '2', '3', '4'] must be 4 numbers" in result.stderr
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import stage_args
 from vlmprobe.data.loader import parallel_map, read_images
 from vlmprobe.errors import stage_main
 from vlmprobe.params import ParamsError
@@ -72,7 +73,7 @@ def test_missing_source_fails_naming_the_param_and_writes_nothing(tmp_path, monk
                                                                  capsys):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(_params(**{"dataset": "coco"})))
-    assert stage_main(lambda: data_stage.main(["--out", "out"])) == 1
+    assert stage_main(lambda: data_stage.main(stage_args("data"))) == 1
     assert re.match(r"^error: image directory coco/val2017 not found.*data\.coco\.images",
                     capsys.readouterr().err, re.DOTALL)
-    assert not Path("out").exists() and not Path("metrics").exists()
+    assert not Path("data").exists() and not Path("metrics").exists()

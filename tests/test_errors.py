@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from conftest import ROOT, run
+from conftest import ROOT, run, stage_command
 from vlmprobe.errors import MissingInput, VlmprobeError, stage_main
 from vlmprobe.params import ParamsError
 
@@ -25,7 +23,7 @@ def test_stage_main_prints_a_user_error_as_one_line_and_lets_bugs_through(capsys
 @pytest.mark.parametrize("stage", ["probe", "align", "reconstruct"])
 def test_a_stage_without_its_inputs_says_which_stage_to_run(tmp_path, stage):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    result = run([sys.executable, "-m", f"vlmprobe.stages.{stage}"], tmp_path, check=False)
+    result = run(stage_command(stage), tmp_path, check=False)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

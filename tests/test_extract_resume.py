@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import vlmprobe.stages.extract as extract_stage
-from conftest import run, tool_env
+from conftest import run, stage_command, tool_env
 from test_extract_engine import stage_project
 from test_models_vlm import CPU
 from vlmprobe.data.dataset import load_all_images
@@ -27,7 +27,7 @@ from vlmprobe.extract.store import FeatureStore
 from vlmprobe.models.registry import RegistryEntry, adapter_for, get_entry
 
 SETTINGS = {"batch_size": 2, "shard_size": 2}
-STAGE = [sys.executable, "-m", "vlmprobe.stages.extract"]
+STAGE = stage_command("extract")
 
 
 def store_bytes(project: Path) -> dict[str, bytes]:
@@ -117,7 +117,7 @@ def test_changed_adapter_code_starts_clean(tmp_path, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, name, module)
         spec.loader.exec_module(module)
         monkeypatch.setattr(extract_stage, "adapter_for", module.EditedPixels)
-        extract_stage.main([])
+        extract_stage.main(STAGE[3:])
 
     def interrupt(work: Path, out: Path) -> None:
         raise Interrupted

@@ -10,9 +10,10 @@ import pytest
 import torch
 import yaml
 
+from conftest import stage_args
 from vlmprobe.data.dataset import load_split
 from vlmprobe.data.shapes import generate_shapes
-from vlmprobe.models.base import resolve_device
+from vlmprobe.gpus import require_device
 from vlmprobe.params import ParamsError
 from vlmprobe.probes.grounding import unique_objects
 from vlmprobe.stages import ground
@@ -33,7 +34,7 @@ def workspace(tmp_path, monkeypatch) -> Path:
 def run_stage(vlm: str, **overrides) -> dict:
     Path("params.yaml").write_text(yaml.safe_dump({"vlm": vlm, "ground": {**GROUND,
                                                                           **overrides}}))
-    ground.main([])
+    ground.main(stage_args("ground"))
     return json.loads(Path("metrics/ground.json").read_text())
 
 
@@ -125,4 +126,4 @@ def test_bad_params_are_refused_before_any_model_loads(key, value, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_refused_with_the_fix():
     with pytest.raises(ParamsError, match="ground.device=cpu"):
-        resolve_device("cuda", "ground.device")
+        require_device({"ground": {"device": "cuda"}}, "ground.device")

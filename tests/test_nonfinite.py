@@ -34,6 +34,7 @@ from vlmprobe.probes.detection import (
     detection_scores,
     invalid_result,
 )
+from vlmprobe.probes.training import FitSettings
 from vlmprobe.probes.validity import Band, probe_validity
 
 NAN = float("nan")
@@ -162,8 +163,9 @@ def test_detection_scores_refuse_nan_boxes(tiny):  # noqa: F811
         detection_scores(splits["test"], found, "", 100, 0)
 
 
-DETR = detr.DetrSettings(steps=8, batch_size=4, lr=1e-3, width=32, layers=2, queries=4,
-                         heads=2, flip=True, eval_every=4, threads=1, seed=0, bootstrap=100)
+DETR = detr.DetrSettings(
+    FitSettings(steps=8, batch_size=4, lr=1e-3, eval_every=4, seed=0, threads=1),
+    width=32, layers=2, queries=4, heads=2, flip=True, bootstrap=100)
 
 
 def nan_boxes_in_eval(forward):

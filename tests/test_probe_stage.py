@@ -15,13 +15,15 @@ import pytest
 import torch
 import yaml
 
+from conftest import stage_args
 from vlmprobe.assets.lpips_weights import build_lpips
 from vlmprobe.data.dataset import load_all_images
 from vlmprobe.data.moving_shapes import generate_moving_shapes
 from vlmprobe.data.shapes import generate_shapes
+from vlmprobe.errors import MissingInput, StaleInput
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.extract.store import write_manifest, write_shard
-from vlmprobe.io import read_json
+from vlmprobe.io import read_json, write_json
 from vlmprobe.params import ParamsError
 from vlmprobe.probes.controls import pixel_tokens
 from vlmprobe.stages import probe as probe_stage
@@ -87,7 +89,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_probe_and_report_stages_end_to_end(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
-    probe_stage.main([])
+    probe_stage.main(stage_args("probe"))
     metrics = read_json(workdir / "metrics/probe.json")
     assert set(metrics["points"]) == {"a", "b"}
     assert "map50" in metrics["points"]["b"] and "map50" not in metrics["points"]["a"]
@@ -102,7 +104,7 @@ def test_probe_and_report_stages_end_to_end(workdir, monkeypatch):
         assert (workdir / "plots/probe" / name).stat().st_size > 0
     assert (workdir / "plots/probe/curves/detr/b/plots/metrics/val_map50.tsv").exists()
 
-    report_stage.main([])
+    report_stage.main(stage_args("report"))
     summary = yaml.safe_load((workdir / "results/p4/tiny-spatial.yaml").read_text())
     assert summary["go_no_go"]["verdict"] in {"GO", "NO-GO", "NO DECISION"}
     markdown = (workdir / "results/p4/tiny-spatial.md").read_text()
@@ -129,3 +131,15 @@ def test_bad_params_fail_naming_the_value_and_the_choices(key, value, message):
     node[last] = value
     with pytest.raises(ParamsError, match=message.replace("[", r"\[").replace("]", r"\]")):
         probe_stage.validate(params, ["a", "b"])
+
+
+def test_report_takes_the_model_from_the_probe_metrics_and_refuses_another_models_grounding(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml: the report reads none
+    write_json("metrics/probe.json", {"meta": {}})
+    with pytest.raises(MissingInput, match="metrics/probe.json names no model"):
+        report_stage.main(stage_args("report"))
+    write_json("metrics/probe.json", {"meta": {"vlm": "tiny"}})
+    write_json("metrics/ground.json", {"meta": {"vlm": "pixels"}})
+    with pytest.raises(StaleInput, match="ground.json is for 'pixels', metrics/probe.json for"):
+        report_stage.main(stage_args("report"))

@@ -8,6 +8,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -28,8 +30,12 @@ from vlmprobe.probes.detr import (
     run_detr_probe,
     sine_encoding,
 )
-from vlmprobe.probes.reconstruction import ReconstructionSettings, run_reconstruction_probe
-from vlmprobe.probes.training import batches, mirror_permutation
+from vlmprobe.probes.reconstruction import (
+    ReconstructionSettings,
+    ScoreSettings,
+    run_reconstruction_probe,
+)
+from vlmprobe.probes.training import FitSettings, batches, mirror_permutation
 
 SIZE, GRID = 96, 6  # 16-px tokens
 
@@ -91,8 +97,12 @@ def test_dense_targets_and_decoding_are_inverse():
     assert 0 < centreness[0] <= 1
 
 
-DENSE = DenseSettings(steps=12, batch_size=4, lr=2e-3, width=16, depth=1, flip=True,
-                      eval_every=6, threads=1, seed=0, bootstrap=100)
+def loop(steps: int, batch_size: int, lr: float, eval_every: int, **options) -> FitSettings:
+    return FitSettings(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=0,
+                       threads=1, **options)
+
+
+DENSE = DenseSettings(loop(12, 4, 2e-3, 6), width=16, depth=1, flip=True, bootstrap=100)
 
 
 def test_dense_probe_runs_and_repeats_exactly(tiny, tmp_path):
@@ -107,8 +117,8 @@ def test_dense_probe_runs_and_repeats_exactly(tiny, tmp_path):
 
 def test_detr_probe_runs_and_repeats_exactly(tiny, tmp_path):
     splits, geometry, oracle = tiny
-    settings = DetrSettings(steps=8, batch_size=4, lr=1e-3, width=32, layers=2, queries=4,
-                            heads=2, flip=True, eval_every=4, threads=1, seed=0, bootstrap=100)
+    settings = DetrSettings(loop(8, 4, 1e-3, 4), width=32, layers=2, queries=4, heads=2,
+                            flip=True, bootstrap=100)
     first, found = run_detr_probe(oracle, splits, geometry, settings, tmp_path / "a")
     second, _ = run_detr_probe(oracle, splits, geometry, settings, tmp_path / "b")
     assert first == second
@@ -123,8 +133,9 @@ def test_reconstruction_probe_on_pixels(tiny, tmp_path):
     torch.manual_seed(0)
     torch.save(build_lpips("alex").state_dict(), tmp_path / "alex.pth")
     settings = ReconstructionSettings(
-        steps=10, batch_size=8, lr=2e-3, width=16, depth=1, patch_px=16, edge_threshold=0.1,
-        edge_tolerance=2, eval_every=5, threads=1, seed=0, bootstrap=100)
+        loop(10, 8, 2e-3, 5, clip_norm=None, higher_is_better=False), width=16, depth=1,
+        patch_px=16, scores=ScoreSettings(edge_threshold=0.1, edge_tolerance=2, bootstrap=100,
+                                          seed=0))
     metrics, images = run_reconstruction_probe(pixels, splits, geometry,
                                                Lpips("alex", tmp_path), settings, tmp_path / "c")
     assert images.shape == splits["test"].images.shape and images.dtype == np.uint8
@@ -136,6 +147,45 @@ def test_reconstruction_probe_on_pixels(tiny, tmp_path):
 def test_dense_probe_learns_the_oracle(tiny, tmp_path):
     """Long enough to learn: the positive control of the tiny set must be found."""
     splits, geometry, oracle = tiny
-    settings = DenseSettings(**{**DENSE.__dict__, "steps": 150, "eval_every": 50})
+    settings = replace(DENSE, fit=replace(DENSE.fit, steps=150, eval_every=50))
     metrics, _ = run_dense_probe(oracle, splits, geometry, settings, tmp_path)
     assert metrics["dense_map50"] > 0.5
+
+
+def _fit_scripted(scores, keep="best", higher_is_better=True, diverge_at=None, tmp_path=None):
+    """fit() on a one-weight model whose validation scores are scripted per evaluation."""
+    from vlmprobe.probes.training import Diverged, Evaluation, fit
+    seen = []
+
+    def step_loss(model, index, generator, step):
+        if step == diverge_at:
+            raise Diverged("NaN boxes")
+        return (model.weight ** 2).sum()
+
+    def evaluate(model, step, train_loss):
+        seen.append(model.weight.detach().clone())
+        return Evaluation(scores[len(seen) - 1], {"train_loss": train_loss})
+
+    settings = FitSettings(steps=2 * len(scores), batch_size=2, lr=0.1, eval_every=2, seed=0,
+                           threads=1, keep=keep, higher_is_better=higher_is_better)
+    fitted = fit(lambda: torch.nn.Linear(1, 1, bias=False), 4, step_loss, evaluate, settings,
+                 tmp_path, "test")
+    return fitted, seen
+
+
+def test_fit_keeps_the_best_scored_checkpoint_and_skips_unscored_ones(tmp_path):
+    fitted, seen = _fit_scripted([0.2, None, 0.9, 0.5], tmp_path=tmp_path / "a")
+    assert (fitted.score, fitted.step) == (0.9, 6)
+    assert torch.equal(fitted.model.weight.detach(), seen[2])
+    assert fitted.unscored.startswith("step 4") and not fitted.stopped
+    lowest, _ = _fit_scripted([0.2, 0.1, 0.3], higher_is_better=False, tmp_path=tmp_path / "b")
+    assert (lowest.score, lowest.step) == (0.1, 4)
+
+
+def test_fit_keep_last_and_a_diverged_step_stop_training(tmp_path):
+    last, seen = _fit_scripted([0.9, 0.1], keep="last", tmp_path=tmp_path / "a")
+    assert (last.score, last.step) == (0.1, 4)
+    assert torch.equal(last.model.weight.detach(), seen[-1])
+    stopped, seen = _fit_scripted([0.3, 0.8, 0.9], diverge_at=4, tmp_path=tmp_path / "b")
+    assert len(seen) == 2 and (stopped.score, stopped.step) == (0.8, 4)
+    assert stopped.stopped == "step 5: NaN boxes"

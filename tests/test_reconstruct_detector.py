@@ -23,7 +23,7 @@ def with_detector(**values):
 def test_detector_settings_follow_the_stage_seed_and_bootstrap():
     config = reconstruct.validate(load_params(reconstruct.PARAMS, ROOT_PARAMS))
     dense = config["detector"].dense
-    assert dense.seed == config["train"].seed
+    assert dense.fit.seed == config["train"].seed
     assert dense.bootstrap == config["scores"].bootstrap
 
 

@@ -20,6 +20,11 @@ class MissingInput(VlmprobeError, FileNotFoundError):
     """A stage's input is not there: the stage that writes it has not run."""
 
 
+class StaleInput(VlmprobeError):
+    """Two of a stage's inputs disagree (metrics of one model beside features of another): one
+    of them is out of date, and the stage that writes it must run again."""
+
+
 def stage_main(main: Callable[[], int | None]) -> int:
     """Run a stage's `main`: its exit status, or 1 with `error: <message>` on stderr for a
     VlmprobeError."""

@@ -1,4 +1,5 @@
-"""One GPU per process when several experiments share a host (`dvc queue start --jobs N`).
+"""Devices: the one resolver of every stage's `device` param (cpu, cuda or auto), and one GPU
+per process when several experiments share a host (`dvc queue start --jobs N`).
 
 A stage that runs on CUDA, on a host with more than one visible card, claims the first card no
 other vlmprobe process holds: an exclusive `flock` on `<lock dir>/gpu-<index>.lock`, held until
@@ -18,6 +19,21 @@ from typing import IO
 import torch
 
 from vlmprobe.errors import VlmprobeError
+from vlmprobe.params import ParamsError, require_choice
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def require_device(params: dict, key: str) -> torch.device:
+    """The device the param `key` asks for (cpu, cuda or auto: cuda when one is visible), or
+    a refusal naming the fix when it asks for cuda on a machine without one."""
+    name = require_choice(params, key, DEVICES)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError(f"params.yaml: {key} = 'cuda' but no CUDA device is visible. "
+                          f"Fix: `dvc exp run -S {key}=cpu` (or auto).")
+    return torch.device(name)
 
 WAIT_S = 5.0
 _held: list[IO] = []  # open lock files: closing one would release its card

@@ -12,6 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vlmprobe.errors import MissingInput
+from vlmprobe.params import NAME
+
 
 def umask() -> int:
     """The process's umask (mkstemp and mkdtemp ignore it: their files are 0600, 0700)."""
@@ -100,6 +103,18 @@ def write_json(path: Path | str, obj: Any) -> None:
 def read_json(path: Path | str) -> Any:
     with Path(path).open() as f:
         return json.load(f)
+
+
+def recorded_model(record: Any, source: Path | str) -> str:
+    """The registry entry name `record` says its data is of (`vlm` of a feature store's
+    manifest or of a metrics file's `meta`, read from `source`): the model of every stage
+    downstream of extract, which takes it from its inputs, not from the `vlm` param."""
+    name = record.get("vlm") if isinstance(record, dict) else None
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise MissingInput(f"{source} names no model (`vlm` = {name!r}, expected a registry "
+                           "entry name): it was not written by this version's stages. Fix: "
+                           "`dvc repro` (it re-runs the stages that write it).")
+    return name
 
 
 @contextmanager

@@ -176,8 +176,9 @@ def spatial_iou(reconstruction: np.ndarray, original: np.ndarray, masks: np.ndar
 class Lpips:
     """LPIPS distance with the real weights converted by the `assets` stage."""
 
-    def __init__(self, net: str, assets_dir: Path | str):
-        self.model = load_lpips(net, Path(assets_dir))
+    def __init__(self, net: str, assets_dir: Path | str, device: torch.device | str = "cpu"):
+        self.model = load_lpips(net, Path(assets_dir)).to(device)
+        self.device = torch.device(device)
 
     @staticmethod
     def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -192,7 +193,7 @@ class Lpips:
         out = []
         with torch.no_grad():
             for s in range(0, len(a), batch_size):
-                d = self.model(self.to_tensor(a[s : s + batch_size]),
-                               self.to_tensor(b[s : s + batch_size]))
-                out.append(d.reshape(-1).numpy())
+                d = self.model(self.to_tensor(a[s : s + batch_size]).to(self.device),
+                               self.to_tensor(b[s : s + batch_size]).to(self.device))
+                out.append(d.reshape(-1).cpu().numpy())
         return np.concatenate(out).astype(np.float64)

@@ -17,7 +17,6 @@ from vlmprobe.errors import VlmprobeError
 from vlmprobe.extract.digests import file_digests
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.models.registry import RegistryEntry
-from vlmprobe.params import ParamsError
 
 
 class WeightsUnavailable(VlmprobeError, RuntimeError):
@@ -35,16 +34,6 @@ CODE_SUFFIXES = (".py", ".json")
 def dtype_for(device: torch.device) -> torch.dtype:
     """bf16 on a GPU (what the checkpoints are published in); fp32 on CPU, where bf16 is slow."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def resolve_device(name: str, key: str) -> torch.device:
-    """The device `name` (cpu, cuda or auto) that the param `key` asks for, or a clear refusal."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParamsError(f"params.yaml: {key} = 'cuda' but no CUDA device is visible. "
-                          f"Fix: `dvc exp run -S {key}=cpu` (or auto).")
-    return torch.device(name)
 
 
 def code_revision(directory: Path) -> str:

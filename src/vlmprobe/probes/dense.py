@@ -13,7 +13,6 @@ Grids of one extraction point share the head (anyres tiles are run grid by grid)
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
-from tqdm import tqdm
 
 from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
@@ -42,14 +40,16 @@ from vlmprobe.probes.detection import (
     split_targets,
 )
 from vlmprobe.probes.training import (
-    Curves,
+    Evaluation,
+    FitSettings,
     Standardizer,
-    batches,
     deterministic_torch,
+    fit,
     from_grids,
     mirror_permutation,
+    mirrored_batch,
+    on_device,
     to_grids,
-    warmup_cosine,
 )
 
 SCORE_FLOOR = 0.05  # detections scoring below this are dropped before NMS
@@ -59,15 +59,10 @@ MAX_DETECTIONS = 100
 
 @dataclass(frozen=True)
 class DenseSettings:
-    steps: int
-    batch_size: int
-    lr: float
+    fit: FitSettings
     width: int
     depth: int
     flip: bool
-    eval_every: int
-    threads: int
-    seed: int
     bootstrap: int
 
 
@@ -109,10 +104,13 @@ class TokenFrame:
         b = torch.from_numpy(geometry.token_boxes()).float() / torch.tensor([w, h, w, h])
         return cls((b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2])
 
+    def to(self, device: torch.device) -> TokenFrame:
+        return TokenFrame(self.centre.to(device), self.cell.to(device))
+
     def decode(self, ltrb: torch.Tensor) -> torch.Tensor:
         """(..., T, 4) edge distances in cells -> xyxy boxes in image fractions."""
         cell = self.cell.repeat(1, 2)
-        sign = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+        sign = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=cell.device)
         return self.centre.repeat(1, 2) + sign * ltrb * cell
 
 
@@ -165,11 +163,13 @@ def dense_loss(outputs, truth) -> torch.Tensor:
 def predict(model: DenseHead, tokens: torch.Tensor, geometry: TokenGeometry, frame: TokenFrame,
             ids: list[int], batch_size: int = 64) -> list[Detections]:
     model.eval()
+    device = next(model.parameters()).device
     h, w = geometry.image_size
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     out = []
     for s in range(0, len(tokens), batch_size):
-        logits, centre_logit, ltrb = model(tokens[s : s + batch_size], geometry)
+        logits, centre_logit, ltrb = (
+            o.float().cpu() for o in model(tokens[s : s + batch_size].to(device), geometry))
         scores = torch.sqrt(logits.sigmoid() * centre_logit.sigmoid()[..., None])
         boxes = frame.decode(ltrb) * scale
         # Checked before the score floor: NaN > floor is False, so NaN scores would vanish
@@ -205,7 +205,8 @@ class DenseDetector:
 
     def detect(self, features: np.ndarray) -> list[Detections]:
         """Detections (pixel boxes) on (N, T, D) tokens."""
-        with deterministic_torch(self.settings.seed, self.settings.threads):
+        fit_settings = self.settings.fit
+        with deterministic_torch(fit_settings.seed, fit_settings.threads, fit_settings.device):
             return predict(self.model, self.standardize(features), self.geometry,
                            TokenFrame.of(self.geometry), self.ids)
 
@@ -222,59 +223,40 @@ def train_dense_head(
     ids = class_ids(splits["train"])
     standardize = Standardizer(features["train"])
     x = {name: standardize(features[name]) for name in ("train", "val")}
+    device = settings.fit.device
     frame = TokenFrame.of(geometry)
     targets = split_targets(splits["train"])
     truth = [token_targets(t, frame, len(ids)) for t in targets]
     mirror = mirror_permutation(geometry) if settings.flip else None
-    if mirror is not None:
-        truth_flipped = [token_targets(mirror_targets(t), frame, len(ids)) for t in targets]
-    with deterministic_torch(settings.seed, settings.threads) as generator:
-        model = DenseHead(x["train"].shape[-1], len(ids), settings.width, settings.depth)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, settings.steps, settings.steps // 20)
-        )
-        curves = Curves(curves_dir)
-        best = (-1.0, None, 0)
-        running = 0.0
-        diverged = ""  # why the last checkpoint that could not be scored was not
-        progress = tqdm(
-            enumerate(batches(len(targets), settings.batch_size, settings.steps, generator)),
-            total=settings.steps, desc="dense", unit="step", mininterval=5,
-        )
-        for step, index in progress:
-            tokens = x["train"][index]
-            batch_truth = [truth[i] for i in index.tolist()]
-            if mirror is not None:
-                flip = torch.rand(len(index), generator=generator) < 0.5
-                tokens = torch.where(flip[:, None, None], tokens[:, mirror], tokens)
-                batch_truth = [truth_flipped[i] if f else truth[i]
-                               for i, f in zip(index.tolist(), flip.tolist(), strict=True)]
-            stacked = [torch.stack(parts) for parts in zip(*batch_truth, strict=True)]
-            logits, centre_logit, ltrb = model(tokens, geometry)
-            loss = dense_loss((logits, centre_logit, ltrb, frame), stacked)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            running += loss.item()
-            if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
-                try:
-                    val = map50(splits["val"], predict(model, x["val"], geometry, frame, ids))
-                except NonFiniteDetections as e:
-                    val, diverged = None, f"step {step + 1}: {e}"
-                curves.log(step + 1, **curve_values(
-                    train_loss=running / settings.eval_every, val_map50=val))
-                running = 0.0
-                if val is not None and val > best[0]:
-                    best = (val, copy.deepcopy(model.state_dict()), step + 1)
-        curves.close()
-        if best[1] is None:
-            raise NonFiniteDetections(
-                f"no checkpoint gave finite validation detections; the last, {diverged}")
-        model.load_state_dict(best[1])
-    return DenseDetector(model, standardize, geometry, ids, settings, best[0], best[2])
+    truth_flipped = (truth if mirror is None else
+                     [token_targets(mirror_targets(t), frame, len(ids)) for t in targets])
+    frame_on_device = frame.to(device)
+    train = on_device(x["train"], device)
+    mirror_index = None if mirror is None else torch.as_tensor(mirror, device=device)
+
+    def step_loss(model, index, generator, step):
+        tokens, flips = mirrored_batch(train, index, generator, mirror_index, device)
+        batch_truth = [truth_flipped[i] if f else truth[i]
+                       for i, f in zip(index.tolist(), flips, strict=True)]
+        stacked = [torch.stack(parts).to(device) for parts in zip(*batch_truth, strict=True)]
+        logits, centre_logit, ltrb = model(tokens, geometry)
+        return dense_loss((logits, centre_logit, ltrb, frame_on_device), stacked)
+
+    def evaluate(model, step, train_loss):
+        try:
+            val, why = map50(splits["val"], predict(model, x["val"], geometry, frame, ids)), ""
+        except NonFiniteDetections as e:
+            val, why = None, str(e)
+        return Evaluation(val, curve_values(train_loss=train_loss, val_map50=val), why)
+
+    fitted = fit(lambda: DenseHead(x["train"].shape[-1], len(ids), settings.width,
+                                   settings.depth),
+                 len(targets), step_loss, evaluate, settings.fit, curves_dir, "dense")
+    if fitted.score is None:
+        raise NonFiniteDetections(
+            f"no checkpoint gave finite validation detections; the last, {fitted.unscored}")
+    return DenseDetector(fitted.model, standardize, geometry, ids, settings, fitted.score,
+                         fitted.step)
 
 
 def run_dense_probe(
@@ -291,7 +273,7 @@ def run_dense_probe(
         detector = train_dense_head(features, splits, geometry, settings, curves_dir)
         test_found = detector.detect(features["test"])
         metrics = detection_scores(
-            splits["test"], test_found, "dense_", settings.bootstrap, settings.seed
+            splits["test"], test_found, "dense_", settings.bootstrap, settings.fit.seed
         )
     except NonFiniteDetections as e:
         return invalid_result("dense", str(e)), no_detections(len(features["test"]))

@@ -32,6 +32,9 @@ class Targets:
     boxes: torch.Tensor  # (K, 4) xyxy in [0, 1]
     classes: torch.Tensor  # (K,) class index into the split's categories
 
+    def to(self, device: torch.device) -> Targets:
+        return Targets(self.boxes.to(device), self.classes.to(device))
+
 
 class NonFiniteDetections(ValueError):
     """A detection probe predicted NaN or inf boxes, scores or coverage: that probe failed."""

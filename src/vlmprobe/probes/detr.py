@@ -16,7 +16,6 @@ grid. The checkpoint with the best validation mAP@0.5 among periodic evaluations
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
-from tqdm import tqdm
 
 from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
@@ -46,13 +44,16 @@ from vlmprobe.probes.detection import (
     split_targets,
 )
 from vlmprobe.probes.training import (
-    Curves,
+    Diverged,
+    Evaluation,
+    FitSettings,
     Standardizer,
-    batches,
     deterministic_torch,
+    fit,
     mirror_permutation,
+    mirrored_batch,
+    on_device,
     token_centres,
-    warmup_cosine,
 )
 
 # Matching costs and loss weights (class, L1, GIoU) as in Deformable DETR.
@@ -64,17 +65,12 @@ INITIAL_BOX_SIZE = 0.2  # reference boxes start at a fifth of the image, about a
 
 @dataclass(frozen=True)
 class DetrSettings:
-    steps: int
-    batch_size: int
-    lr: float
+    fit: FitSettings
     width: int
     layers: int
     queries: int
     heads: int
     flip: bool
-    eval_every: int
-    threads: int
-    seed: int
     bootstrap: int
 
 
@@ -85,7 +81,8 @@ def sine_encoding(xy: torch.Tensor, dim: int) -> torch.Tensor:
     tokens (1/16 of the side apart on a 16x16 grid) get clearly different codes.
     """
     n = dim // 4
-    freqs = MAX_CYCLES ** (torch.arange(n, dtype=torch.float32) / max(n - 1, 1))
+    steps = torch.arange(n, dtype=torch.float32, device=xy.device)
+    freqs = MAX_CYCLES ** (steps / max(n - 1, 1))
     angles = xy[..., None] * 2 * math.pi * freqs  # (..., 2, n)
     return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
@@ -199,7 +196,8 @@ def focal_costs(logits: torch.Tensor) -> torch.Tensor:
 def hungarian(logits: torch.Tensor, boxes: torch.Tensor, target: Targets):
     """Query and object indices of the minimum-cost matching for one image."""
     if len(target.classes) == 0:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+        empty = torch.empty(0, dtype=torch.long, device=logits.device)
+        return empty, empty
     # A diverged head: scipy would fail on the NaN costs with no word of why.
     require_finite_predictions("DETR head outputs in training",
                                {"class logits": [logits], "boxes": [boxes]})
@@ -209,8 +207,9 @@ def hungarian(logits: torch.Tensor, boxes: torch.Tensor, target: Targets):
         + W_L1 * torch.cdist(xyxy, target.boxes, p=1)
         - W_GIOU * generalized_box_iou(xyxy, target.boxes)
     )
-    rows, cols = linear_sum_assignment(cost.numpy())
-    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    return (torch.as_tensor(rows, dtype=torch.long, device=logits.device),
+            torch.as_tensor(cols, dtype=torch.long, device=logits.device))
 
 
 def set_loss(logits: torch.Tensor, boxes: torch.Tensor, targets: list[Targets]) -> torch.Tensor:
@@ -237,11 +236,13 @@ def predict(model: DetrProbe, tokens: torch.Tensor, token_pos: torch.Tensor,
             image_size: tuple[int, int], ids: list[int], batch_size: int = 64) -> list[Detections]:
     """Every (query, class) pair is a detection scored by its class probability."""
     model.eval()
+    device = next(model.parameters()).device
     h, w = image_size
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     out = []
     for s in range(0, len(tokens), batch_size):
-        logits, boxes = model(tokens[s : s + batch_size], token_pos)[-1]
+        logits, boxes = (o.float().cpu()
+                         for o in model(tokens[s : s + batch_size].to(device), token_pos)[-1])
         probs = logits.sigmoid()
         xyxy = (cxcywh_to_xyxy(boxes) * scale).clamp(min=0)
         for p, b in zip(probs, xyxy, strict=True):
@@ -274,68 +275,48 @@ def run_detr_probe(
     x = {name: standardize(f) for name, f in features.items()}
     targets = split_targets(splits["train"])
     mirror = mirror_permutation(geometry) if settings.flip else None
-    with deterministic_torch(settings.seed, settings.threads) as generator:
-        model = DetrProbe(x["train"].shape[-1], len(ids), settings)
-        token_pos = sine_encoding(torch.from_numpy(token_centres(geometry)).float(), settings.width)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, settings.steps, settings.steps // 20)
-        )
-        curves = Curves(curves_dir)
-        best = (-1.0, None, 0)  # (val map50, state, step)
-        running = 0.0
-        diverged = ""  # why the last checkpoint that could not be scored was not
-        stopped = ""  # why training stopped early, if it did
-        progress = tqdm(
-            enumerate(batches(len(targets), settings.batch_size, settings.steps, generator)),
-            total=settings.steps, desc="detr", unit="step", mininterval=5,
-        )
-        for step, index in progress:
-            tokens = x["train"][index]
-            batch_targets = [targets[i] for i in index.tolist()]
-            if mirror is not None:
-                flip = torch.rand(len(index), generator=generator) < 0.5
-                tokens = torch.where(flip[:, None, None], tokens[:, mirror], tokens)
-                batch_targets = [mirror_targets(t) if f else t
-                                 for t, f in zip(batch_targets, flip.tolist(), strict=True)]
-            try:
-                loss = sum(set_loss(logits, boxes, batch_targets)
-                           for logits, boxes in model(tokens, token_pos))
-            except NonFiniteDetections as e:  # diverged: the best earlier checkpoint stands
-                diverged = stopped = f"step {step + 1}: {e}"
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            running += loss.item()
-            if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
-                found = predict(model, x["val"], token_pos, geometry.image_size, ids)
-                try:
-                    val = map50(splits["val"], found)
-                except NonFiniteDetections as e:
-                    val, diverged = None, f"step {step + 1}: {e}"
-                curves.log(step + 1, **curve_values(
-                    train_loss=running / settings.eval_every, val_map50=val))
-                running = 0.0
-                if val is not None and val > best[0]:
-                    best = (val, copy.deepcopy(model.state_dict()), step + 1)
-        curves.close()
-        if best[1] is None:
-            return (invalid_result("detr", f"no checkpoint gave finite validation detections; "
-                                           f"the last, {diverged}"),
-                    no_detections(len(x["test"])))
-        model.load_state_dict(best[1])
-        test_found = predict(model, x["test"], token_pos, geometry.image_size, ids)
+    device = settings.fit.device
+    token_pos = sine_encoding(torch.from_numpy(token_centres(geometry)).float(), settings.width)
+    token_pos_on_device = token_pos.to(device)
+
+    train = on_device(x["train"], device)
+    mirror_index = None if mirror is None else torch.as_tensor(mirror, device=device)
+
+    def step_loss(model, index, generator, step):
+        tokens, flips = mirrored_batch(train, index, generator, mirror_index, device)
+        batch_targets = [mirror_targets(targets[i]) if f else targets[i]
+                         for i, f in zip(index.tolist(), flips, strict=True)]
+        batch_targets = [t.to(device) for t in batch_targets]
+        try:
+            return sum(set_loss(logits, boxes, batch_targets)
+                       for logits, boxes in model(tokens, token_pos_on_device))
+        except NonFiniteDetections as e:  # diverged: the best earlier checkpoint stands
+            raise Diverged(str(e)) from e
+
+    def evaluate(model, step, train_loss):
+        found = predict(model, x["val"], token_pos_on_device, geometry.image_size, ids)
+        try:
+            val, why = map50(splits["val"], found), ""
+        except NonFiniteDetections as e:
+            val, why = None, str(e)
+        return Evaluation(val, curve_values(train_loss=train_loss, val_map50=val), why)
+
+    fitted = fit(lambda: DetrProbe(x["train"].shape[-1], len(ids), settings),
+                 len(targets), step_loss, evaluate, settings.fit, curves_dir, "detr")
+    if fitted.score is None:
+        return (invalid_result("detr", f"no checkpoint gave finite validation detections; "
+                                       f"the last, {fitted.unscored}"),
+                no_detections(len(x["test"])))
+    fs = settings.fit
+    with deterministic_torch(fs.seed, fs.threads, fs.device):
+        test_found = predict(fitted.model, x["test"], token_pos_on_device, geometry.image_size,
+                             ids)
     try:
-        metrics = detection_scores(
-            splits["test"], test_found, "", settings.bootstrap, settings.seed
-        )
+        metrics = detection_scores(splits["test"], test_found, "", settings.bootstrap, fs.seed)
     except NonFiniteDetections as e:
         return invalid_result("detr", str(e)), no_detections(len(test_found))
-    metrics["val_map50"] = best[0]
-    metrics["detr_selected_step"] = best[2]
-    if stopped:
-        metrics["detr_stopped"] = f"training stopped when the head diverged at {stopped}"
+    metrics["val_map50"] = fitted.score
+    metrics["detr_selected_step"] = fitted.step
+    if fitted.stopped:
+        metrics["detr_stopped"] = f"training stopped when the head diverged at {fitted.stopped}"
     return metrics, test_found

@@ -19,7 +19,6 @@ Scores on the test split, each with a bootstrap 95% interval over images:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,36 +26,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.metrics.boxes import bootstrap_ci, ratio_of_sums
 from vlmprobe.metrics.image import Lpips, edge_f1, spatial_iou, ssim
 from vlmprobe.probes.training import (
-    Curves,
+    Evaluation,
+    FitSettings,
     Standardizer,
-    batches,
     deterministic_torch,
+    fit,
+    on_device,
     to_grids,
-    warmup_cosine,
+    to_uint8,
+    to_unit,
 )
 
 
 @dataclass(frozen=True)
+class ScoreSettings:
+    """How reconstructions are scored (here and in the reconstruct stage, so both score alike)."""
+
+    edge_threshold: float
+    edge_tolerance: int
+    bootstrap: int
+    seed: int
+
+
+@dataclass(frozen=True)
 class ReconstructionSettings:
-    steps: int
-    batch_size: int
-    lr: float
+    fit: FitSettings  # no gradient clipping; the checkpoint with the lowest val L1 is kept
     width: int
     depth: int
     patch_px: int
-    edge_threshold: float
-    edge_tolerance: int
-    eval_every: int
-    threads: int
-    seed: int
-    bootstrap: int
+    scores: ScoreSettings
 
 
 class Decoder(nn.Module):
@@ -82,23 +86,19 @@ class Decoder(nn.Module):
         return canvas + self.smooth(canvas)
 
 
-def to_images(x: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float -> (B, H, W, 3) uint8."""
-    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-
-
 @torch.no_grad()
 def reconstruct(model: Decoder, tokens: torch.Tensor, geometry: TokenGeometry,
                 batch_size: int = 32) -> np.ndarray:
     model.eval()
-    out = [to_images(model(tokens[s : s + batch_size], geometry))
+    device = next(model.parameters()).device
+    out = [to_uint8(model(tokens[s : s + batch_size].to(device), geometry))
            for s in range(0, len(tokens), batch_size)]
     model.train()
     return np.concatenate(out)
 
 
 def image_scores(
-    reconstructions: np.ndarray, split: Split, lpips: Lpips, settings: ReconstructionSettings
+    reconstructions: np.ndarray, split: Split, lpips: Lpips, settings: ScoreSettings
 ) -> dict:
     """Test-split scores (see the module docstring) with seeded bootstrap intervals."""
     per_image = {
@@ -141,41 +141,27 @@ def run_reconstruction_probe(
     """
     standardize = Standardizer(features["train"])
     x = {name: standardize(f) for name, f in features.items()}
-    images = {
-        name: torch.from_numpy(s.images).permute(0, 3, 1, 2).float() / 255.0
-        for name, s in splits.items()
-    }
-    with deterministic_torch(settings.seed, settings.threads) as generator:
-        model = Decoder(x["train"].shape[-1], settings.width, settings.depth, settings.patch_px)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, settings.steps, settings.steps // 20)
-        )
-        curves = Curves(curves_dir)
-        best = (float("inf"), None, 0)
-        running = 0.0
-        progress = tqdm(
-            enumerate(batches(len(x["train"]), settings.batch_size, settings.steps, generator)),
-            total=settings.steps, desc="reconstruction", unit="step", mininterval=5,
-        )
-        for step, index in progress:
-            loss = F.l1_loss(model(x["train"][index], geometry), images["train"][index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            running += loss.item()
-            if (step + 1) % settings.eval_every == 0 or step + 1 == settings.steps:
-                val = reconstruct(model, x["val"], geometry).astype(np.float64) / 255.0
-                val_l1 = float(np.abs(val - splits["val"].images / 255.0).mean())
-                curves.log(step + 1, train_l1=running / settings.eval_every, val_l1=val_l1)
-                running = 0.0
-                if val_l1 < best[0]:
-                    best = (val_l1, copy.deepcopy(model.state_dict()), step + 1)
-        curves.close()
-        model.load_state_dict(best[1])
-        test = reconstruct(model, x["test"], geometry)
-    metrics = image_scores(test, splits["test"], lpips, settings)
-    metrics["reconstruction_val_l1"] = best[0]
-    metrics["reconstruction_selected_step"] = best[2]
+    device = settings.fit.device
+    train = on_device(x["train"], device)
+    train_images = on_device(to_unit(splits["train"].images), device)
+
+    def step_loss(model, index, generator, step):
+        return F.l1_loss(model(train[index].to(device), geometry),
+                         train_images[index].to(device))
+
+    def evaluate(model, step, train_loss):
+        val = reconstruct(model, x["val"], geometry).astype(np.float64) / 255.0
+        val_l1 = float(np.abs(val - splits["val"].images / 255.0).mean())
+        return Evaluation(val_l1, {"train_l1": train_loss, "val_l1": val_l1})
+
+    fitted = fit(lambda: Decoder(x["train"].shape[-1], settings.width, settings.depth,
+                                 settings.patch_px),
+                 len(x["train"]), step_loss, evaluate, settings.fit, curves_dir,
+                 "reconstruction")
+    fs = settings.fit
+    with deterministic_torch(fs.seed, fs.threads, fs.device):
+        test = reconstruct(fitted.model, x["test"], geometry)
+    metrics = image_scores(test, splits["test"], lpips, settings.scores)
+    metrics["reconstruction_val_l1"] = fitted.score
+    metrics["reconstruction_selected_step"] = fitted.step
     return metrics, test

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
@@ -56,10 +57,15 @@ class Suite:
         return self._lpips
 
     def _timed(self, key: str, fn: Callable):
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         result = fn()
         self.timings[key] = time.perf_counter() - start
-        print(f"probe: {key} {self.timings[key]:.1f} s", flush=True)
+        peak = (f" (peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB)"
+                if cuda else "")
+        print(f"probe: {key} {self.timings[key]:.1f} s{peak}", flush=True)
         return result
 
     def run(

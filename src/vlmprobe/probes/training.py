@@ -1,31 +1,42 @@
-"""What every trained (gradient-descent) probe shares: deterministic CPU torch, token inputs
-laid out on their grids, batches, and training curves logged with dvclive."""
+"""What every trained (gradient-descent) component shares: the one fit loop (seeded AdamW,
+warm-up cosine, periodic evaluation, the best checkpoint kept, curves logged with dvclive, on
+any device), deterministic torch, token inputs laid out on their grids, and batches."""
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from dvclive import Live
+from torch import nn
+from tqdm import tqdm
 
 from vlmprobe.extract.geometry import TokenGeometry
 
+CPU = torch.device("cpu")
+
 
 @contextmanager
-def deterministic_torch(seed: int, threads: int) -> Iterator[torch.Generator]:
+def deterministic_torch(seed: int, threads: int,
+                        device: torch.device = CPU) -> Iterator[torch.Generator]:
     """Seeded, deterministic, fixed-thread-count torch for one training run.
 
     Matrix products on CPU sum in an order that depends on the thread count, so the count is
     fixed (a params value) for results to repeat exactly; the previous settings are restored.
+    On CUDA the same seeds give the same initial weights and batches (both drawn on the CPU),
+    but deterministic kernels are not forced: several backward passes (bilinear resize,
+    index_put) have none, so GPU results repeat only to within float noise.
     """
     previous_threads = torch.get_num_threads()
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(device.type == "cpu")
     torch.manual_seed(seed)
     try:
         yield torch.Generator().manual_seed(seed)
@@ -87,6 +98,19 @@ def mirror_permutation(geometry: TokenGeometry) -> np.ndarray | None:
     return partner
 
 
+def mirrored_batch(tokens: torch.Tensor, index: torch.Tensor, generator: torch.Generator,
+                   mirror: torch.Tensor | None, device: torch.device
+                   ) -> tuple[torch.Tensor, list[bool]]:
+    """Batch `index` of (N, T, D) tokens on `device`, each image's grid mirrored with
+    probability 1/2 (drawn from `generator`) when `mirror` (see `mirror_permutation`) is given;
+    returns the batch and which images were mirrored."""
+    batch = tokens[index].to(device)
+    if mirror is None:
+        return batch, [False] * len(index)
+    flip = torch.rand(len(index), generator=generator) < 0.5
+    return torch.where(flip[:, None, None].to(device), batch[:, mirror], batch), flip.tolist()
+
+
 def to_grids(tokens: torch.Tensor, geometry: TokenGeometry) -> list[torch.Tensor]:
     """(B, T, C) tokens in storage order -> one (B, C, rows, cols) map per grid."""
     maps, start = [], 0
@@ -100,6 +124,29 @@ def to_grids(tokens: torch.Tensor, geometry: TokenGeometry) -> list[torch.Tensor
 def from_grids(maps: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of `to_grids`: per-grid (B, C, rows, cols) maps -> (B, T, C)."""
     return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+
+
+DEVICE_SHARE = 0.25  # of the card's free memory that a component's training inputs may take
+
+
+def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`x` on `device` when it fits in DEVICE_SHARE of the free memory there, else left on the
+    host (each batch is then copied over): batches gathered and augmented on the GPU, not by
+    the probe's one fixed CPU thread."""
+    if device.type != "cuda":
+        return x
+    free, _ = torch.cuda.mem_get_info(device)
+    return x.to(device) if x.element_size() * x.nelement() < DEVICE_SHARE * free else x
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float on any device -> (B, H, W, 3) uint8 on the host."""
+    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 class Curves:
@@ -117,3 +164,111 @@ class Curves:
 
     def close(self) -> None:
         self.live.end()
+
+
+class Diverged(ValueError):
+    """Raised by a training step whose outputs are not finite: training stops there and the
+    best earlier checkpoint stands."""
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How a component is trained: the loop's knobs, the same for every trained component."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    eval_every: int
+    seed: int
+    threads: int
+    device: torch.device = CPU
+    weight_decay: float = 1e-4
+    clip_norm: float | None = 1.0  # None: no gradient clipping
+    schedule: str = "warmup_cosine"  # or "constant"
+    keep: str = "best"  # the checkpoint with the best validation score, or "last"
+    higher_is_better: bool = True
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One periodic evaluation: the validation score that selects checkpoints (None: this
+    checkpoint cannot be scored, `why` says why) and the values logged as curves."""
+
+    score: float | None
+    curves: dict[str, float | None]
+    why: str = ""
+
+
+@dataclass
+class Fitted:
+    model: nn.Module  # on the training device, holding the kept checkpoint's weights
+    score: float | None  # the kept checkpoint's validation score (None: no checkpoint scored)
+    step: int  # the kept checkpoint's step
+    stopped: str  # why training stopped before `steps` ("" if it did not)
+    unscored: str  # why the last checkpoint that could not be scored was not
+
+
+def fit(
+    build: Callable[[], nn.Module],
+    n: int,
+    step_loss: Callable[[nn.Module, torch.Tensor, torch.Generator, int], torch.Tensor],
+    evaluate: Callable[[nn.Module, int, float], Evaluation],
+    settings: FitSettings,
+    curves_dir: Path,
+    desc: str,
+) -> Fitted:
+    """Train `build()` on batches of indices into range(n), every trained component's loop.
+
+    `step_loss(model, index, generator, step)` is one batch's loss (it may draw augmentations
+    from `generator`, and raise Diverged to stop); `evaluate(model, step, train_loss)` runs
+    every `eval_every` steps and at the end, with the mean training loss since the last one.
+    AdamW, gradient clipping and a warm-up cosine schedule (as `settings` say); the model is
+    built under the seed (so initial weights do not depend on the device), then moved.
+    """
+    s = settings
+    with deterministic_torch(s.seed, s.threads, s.device) as generator:
+        model = build().to(s.device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        schedule = (torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, s.steps, s.steps // 20))
+            if s.schedule == "warmup_cosine" else None)
+        curves = Curves(curves_dir)
+        sign = 1.0 if s.higher_is_better else -1.0
+        kept: tuple[float | None, int] = (None, 0)  # (validation score, step)
+        best_state: dict | None = None
+        running = 0.0
+        stopped = unscored = ""
+        progress = tqdm(enumerate(batches(n, s.batch_size, s.steps, generator)),
+                        total=s.steps, desc=desc, unit="step", mininterval=5)
+        for step, index in progress:
+            try:
+                loss = step_loss(model, index, generator, step)
+            except Diverged as e:
+                stopped = unscored = f"step {step + 1}: {e}"
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_norm)
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            running += loss.item()
+            if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
+                with torch.no_grad():
+                    model.eval()
+                    found = evaluate(model, step + 1, running / s.eval_every)
+                    model.train()
+                curves.log(step + 1, **found.curves)
+                running = 0.0
+                if found.score is None:
+                    unscored = f"step {step + 1}: {found.why}"
+                elif s.keep == "last":
+                    kept = (found.score, step + 1)
+                elif kept[0] is None or sign * found.score > sign * kept[0]:
+                    kept = (found.score, step + 1)
+                    best_state = copy.deepcopy(model.state_dict())
+        curves.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return Fitted(model, kept[0], kept[1], stopped, unscored)

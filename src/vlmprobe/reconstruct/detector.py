@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from vlmprobe.data.dataset import Split
@@ -35,7 +34,6 @@ from vlmprobe.probes.training import deterministic_torch
 BACKBONE = "dinov2_small"  # registry entry
 BACKBONE_POINT = "layer6"  # the probe stage's best dense point on the default run (0.96)
 ENCODE_BATCH = 16
-CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -57,19 +55,21 @@ class ImageDetector:
     def __init__(self, settings: DetectorSettings, project_root: Path = Path(".")):
         self.settings = settings
         self.backbone = adapter_for(get_entry(BACKBONE))
-        with deterministic_torch(settings.dense.seed, settings.dense.threads):
-            self.model = self.backbone.load(project_root, CPU)
+        fit = settings.dense.fit
+        with deterministic_torch(fit.seed, fit.threads, fit.device):
+            self.model = self.backbone.load(project_root, fit.device)
         self.head: DenseDetector | None = None
 
     def tokens(self, images: np.ndarray, label: str) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, 256, 384) backbone tokens, at the fixed thread count."""
         out = []
-        with deterministic_torch(self.settings.dense.seed, self.settings.dense.threads):
+        fit = self.settings.dense.fit
+        with deterministic_torch(fit.seed, fit.threads, fit.device):
             for s in tqdm(range(0, len(images), ENCODE_BATCH), desc=f"detector tokens {label}",
                           unit="batch", mininterval=5):
                 batch = images[s : s + ENCODE_BATCH]
                 out.append(extract_points(self.backbone, self.model, batch, [BACKBONE_POINT],
-                                          CPU)[BACKBONE_POINT].numpy())
+                                          fit.device)[BACKBONE_POINT].float().cpu().numpy())
         return np.concatenate(out)
 
     def train(self, splits: dict[str, Split], curves_dir: Path) -> dict:
@@ -88,7 +88,7 @@ class ImageDetector:
             "head_parameters": sum(p.numel() for p in self.head.model.parameters()),
             "width": dense.width,
             "depth": dense.depth,
-            "steps": dense.steps,
+            "steps": dense.fit.steps,
             "train_samples": n,
             "val_map50": self.head.val_map50,
             "selected_step": self.head.selected_step,
@@ -101,4 +101,4 @@ class ImageDetector:
             raise RuntimeError("ImageDetector.score before train")
         found = self.head.detect(self.tokens(images, label))
         dense = self.settings.dense
-        return detection_scores(split, found, "", dense.bootstrap, dense.seed)
+        return detection_scores(split, found, "", dense.bootstrap, dense.fit.seed)

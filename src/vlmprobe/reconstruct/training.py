@@ -5,7 +5,7 @@ RGB (LPIPS sees [-1, 1], the squared error [0, 1]); AdamW; batches of seeded ran
 `warmup_epochs` first train on the squared-error term alone: on CPU each LPIPS step costs
 seconds, so the default run spends most of its steps there and only its last epochs on the full
 loss (the plan's setting is warmup_epochs 0, 50 epochs of 5000 samples). The final weights are
-kept; the curves (dvclive) show train loss per epoch and the val loss.
+kept; the curves (dvclive) show train loss per epoch and the val loss, at each epoch's last step.
 """
 
 from __future__ import annotations
@@ -18,10 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from vlmprobe.extract.geometry import TokenGeometry
-from vlmprobe.probes.training import Curves, Standardizer, batches, deterministic_torch
+from vlmprobe.probes.training import (
+    CPU,
+    Evaluation,
+    FitSettings,
+    Standardizer,
+    fit,
+    to_uint8,
+    to_unit,
+)
 from vlmprobe.reconstruct.adapters import build_adapter, n_parameters
 from vlmprobe.vae.base import VideoVAE
 
@@ -38,6 +45,18 @@ class TrainSettings:
     l2_weight: float
     threads: int
     seed: int
+    device: torch.device = CPU
+
+    def fit_settings(self, n: int) -> FitSettings:
+        """The fit loop's settings for `n` training samples: one evaluation per epoch, the
+        final weights kept, AdamW's default weight decay, no schedule, no clipping."""
+        steps_per_epoch = math.ceil(n / self.batch_size)
+        return FitSettings(
+            steps=steps_per_epoch * (self.warmup_epochs + self.epochs),
+            batch_size=self.batch_size, lr=self.lr, eval_every=steps_per_epoch,
+            seed=self.seed, threads=self.threads, device=self.device, weight_decay=0.01,
+            clip_norm=None, schedule="constant", keep="last", higher_is_better=False,
+        )
 
 
 @dataclass
@@ -48,26 +67,25 @@ class TrainedAdapter:
     latent: TokenGeometry
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        grid = self.latent.grids[0]
-        return self.vae.decode_tokens(self.adapter(tokens), grid.rows, grid.cols)
+        return decode_through(self.adapter, self.vae, self.latent, tokens)
 
     @torch.no_grad()
     def reconstruct(self, tokens: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """(N, T, D) model tokens -> (N, H, W, 3) uint8 reconstructions."""
         self.adapter.eval()
+        device = next(self.adapter.parameters()).device
         x = self.standardize(tokens)
-        out = [to_uint8(self.decode(x[s : s + batch_size])) for s in range(0, len(x), batch_size)]
+        out = [to_uint8(self.decode(x[s : s + batch_size].to(device)))
+               for s in range(0, len(x), batch_size)]
         self.adapter.train()
         return np.concatenate(out)
 
 
-def to_unit(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+def decode_through(adapter: nn.Module, vae: VideoVAE, latent: TokenGeometry,
+                   tokens: torch.Tensor) -> torch.Tensor:
+    """Model tokens -> the adapter's latents -> images through the frozen decoder."""
+    grid = latent.grids[0]
+    return vae.decode_tokens(adapter(tokens), grid.rows, grid.cols)
 
 
 def reconstruction_loss(decoded: torch.Tensor, images: torch.Tensor, lpips: nn.Module | None,
@@ -89,42 +107,36 @@ def train_adapter(
     curves_dir: Path,
     label: str,
 ) -> tuple[TrainedAdapter, dict]:
-    """Fit an adapter on the first `train_samples` train images; returns it and a summary."""
+    """Fit an adapter on the first `train_samples` train images; returns it and a summary.
+    `vae` and `lpips` must be on `settings.device`."""
     n = min(settings.train_samples, len(tokens["train"]))
     standardize = Standardizer(tokens["train"][:n])
     x_train, y_train = standardize(tokens["train"][:n]), to_unit(images["train"][:n])
     x_val, y_val = standardize(tokens["val"]), to_unit(images["val"])
     latent = vae.latent_geometry(images["train"].shape[1:3])
-    steps_per_epoch = math.ceil(n / settings.batch_size)
-    total_epochs = settings.warmup_epochs + settings.epochs
-    with deterministic_torch(settings.seed, settings.threads) as generator:
-        adapter = build_adapter(settings.adapter, geometry, latent, x_train.shape[-1],
-                                vae.latent_channels, settings.adapter_params)
-        trained = TrainedAdapter(adapter, standardize, vae, latent)
-        optimizer = torch.optim.AdamW(adapter.parameters(), lr=settings.lr)
-        curves = Curves(curves_dir / label)
-        order = batches(n, settings.batch_size, steps_per_epoch * total_epochs, generator)
-        progress = tqdm(range(total_epochs), desc=f"reconstruct {label}", unit="epoch")
-        for epoch in progress:
-            full_loss = epoch >= settings.warmup_epochs
-            running = 0.0
-            for _ in range(steps_per_epoch):
-                index = next(order)
-                loss = reconstruction_loss(trained.decode(x_train[index]), y_train[index],
-                                           lpips if full_loss else None, settings.l2_weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += loss.item()
-            with torch.no_grad():
-                adapter.eval()
-                val = reconstruction_loss(trained.decode(x_val), y_val,
-                                          lpips if full_loss else None, settings.l2_weight)
-                adapter.train()
-            phase = "full" if full_loss else "warmup"
-            curves.log(epoch + 1, **{f"train_loss_{phase}": running / steps_per_epoch,
-                                     f"val_loss_{phase}": val.item()})
-        curves.close()
-    summary = {"adapter": settings.adapter, "adapter_parameters": n_parameters(adapter),
-               "train_samples": n, "steps": steps_per_epoch * total_epochs}
+    fit_settings = settings.fit_settings(n)
+    device = settings.device
+
+    def full_loss(step: int) -> bool:
+        return step // fit_settings.eval_every >= settings.warmup_epochs
+
+    def step_loss(adapter, index, generator, step):
+        return reconstruction_loss(decode_through(adapter, vae, latent, x_train[index].to(device)),
+                                   y_train[index].to(device),
+                                   lpips if full_loss(step) else None, settings.l2_weight)
+
+    def evaluate(adapter, step, train_loss):
+        full = full_loss(step - 1)
+        val = reconstruction_loss(decode_through(adapter, vae, latent, x_val.to(device)),
+                                  y_val.to(device),
+                                  lpips if full else None, settings.l2_weight).item()
+        phase = "full" if full else "warmup"
+        return Evaluation(val, {f"train_loss_{phase}": train_loss, f"val_loss_{phase}": val})
+
+    fitted = fit(lambda: build_adapter(settings.adapter, geometry, latent, x_train.shape[-1],
+                                       vae.latent_channels, settings.adapter_params),
+                 n, step_loss, evaluate, fit_settings, curves_dir / label, f"reconstruct {label}")
+    trained = TrainedAdapter(fitted.model, standardize, vae, latent)
+    summary = {"adapter": settings.adapter, "adapter_parameters": n_parameters(fitted.model),
+               "train_samples": n, "steps": fit_settings.steps}
     return trained, summary

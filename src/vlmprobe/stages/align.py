@@ -2,7 +2,7 @@
 
 Writes `metrics/align.json` (points.<id>.<metric>, controls, the plan's bands, meta with the
 model and the target), the CKA heatmap and `results/p4/<vlm>-alignment.md`, which names the
-optimal extraction layer.
+optimal extraction layer. The model is the feature store's (its manifest's `vlm`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from vlmprobe.align.study import (
     channel_groups,
 )
 from vlmprobe.errors import stage_main
-from vlmprobe.io import rounded, write_json, write_text
+from vlmprobe.extract.store import MANIFEST
+from vlmprobe.io import recorded_model, rounded, write_json, write_text
 from vlmprobe.params import (
     ParamsError,
     load_params,
@@ -40,14 +41,13 @@ from vlmprobe.params import (
 from vlmprobe.probes.controls import pixel_tokens, shuffled_tokens
 from vlmprobe.vae.registry import get_entry, load_vae
 
-PARAMS = ("vlm", "video_vae", "align")
+PARAMS = ("video_vae", "align")
 BANDED = ("cka_linear", "r2", "spearman", "recall_at_10")
 HEADLINE = "cka_linear"
 
 
 def validate(params: dict) -> dict:
     """Every param checked, and the target's weights known to be obtainable, before loading."""
-    vlm = require_name(params, "vlm")
     target = require_name(params, "video_vae")
     get_entry(target)
     bands = {}
@@ -60,7 +60,6 @@ def validate(params: dict) -> dict:
                               f"{band}. Fix: edit params.yaml.")
         bands[metric] = band
     return {
-        "vlm": vlm,
         "target": target,
         "source": require_choice(params, "align.source", SOURCES),
         "frames_per_clip": require_int(params, "align.frames_per_clip", 1, 1024),
@@ -109,23 +108,21 @@ def points_csv(metrics: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/images"))
-    parser.add_argument("--features", type=Path, default=Path("data/features"))
-    parser.add_argument("--clips", type=Path, default=Path("data/clips"))
-    parser.add_argument("--clip-features", type=Path, default=Path("data/clip_features"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/align.json"))
-    parser.add_argument("--plots", type=Path, default=Path("plots/align"))
-    parser.add_argument("--results", type=Path, default=Path("results/p4"))
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--features", type=Path, required=True)
+    parser.add_argument("--clips", type=Path, required=True)
+    parser.add_argument("--clip-features", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--results", type=Path, required=True,
+                        help="directory of the <vlm>-alignment.md report")
     args = parser.parse_args(argv)
     config = validate(load_params(PARAMS))
     inputs = (image_inputs(args.data, args.features) if config["source"] == "images" else
               clip_frame_inputs(args.clips, args.clip_features, config["frames_per_clip"]))
     store, image_ids, images, split_of = (inputs.store, inputs.image_ids, inputs.images,
                                           inputs.split_of)
-    if store.manifest["vlm"] != config["vlm"]:
-        raise SystemExit(f"error: the features of {inputs.dataset} are of "
-                         f"{store.manifest['vlm']!r} but params.yaml says vlm = "
-                         f"{config['vlm']!r}. Fix: `dvc repro`.")
+    vlm = recorded_model(store.manifest, store.root / MANIFEST)
     settings: AlignSettings = config["settings"]
     start = time.perf_counter()
 
@@ -159,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     target_info = vae.describe()
     metrics = rounded({
         "meta": {
-            "vlm": store.manifest["vlm"],
+            "vlm": vlm,
             "display_name": store.manifest["display_name"],
             "weights_source": store.manifest["weights"].get("source"),
             "target": target_info["target"],
@@ -190,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     heatmap = args.plots / "cka_heatmap.png"
     cka_heatmap(heat, [f"{g[0]}-{g[-1]}" for g in groups],
                 f"{store.manifest['display_name']} vs {target_info['display_name']}", heatmap)
-    write_report(metrics, args.results / f"{config['vlm']}-alignment.md", heatmap)
+    write_report(metrics, args.results / f"{vlm}-alignment.md", heatmap)
     # Wall time is printed, not stored: metrics must repeat exactly from run to run.
     print(f"align: optimal point {optimal}; {time.perf_counter() - start:.1f} s", flush=True)
 

@@ -63,7 +63,7 @@ def run(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("data/assets"))
+    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     run(args.out)
 

@@ -1,4 +1,4 @@
-"""Stage `data`: write the image dataset to `--out`/images and the clips to `--out`/clips.
+"""Stage `data`: write the image dataset to `--images` and the clips to `--clips`.
 
 Whatever `data.dataset` is, the outputs have one format, so every later stage reads them alike:
 images as COCO (PNGs at image_size x image_size, instances_{train,val,test}.json with RLE
@@ -10,8 +10,8 @@ masks) and clips as clips.npz + clips.json.
 - ssv2: clips of a local Something-Something v2 copy's directional templates
   (vlmprobe.data.ssv2); the images stay the synthetic shapes, as SSv2 has no boxes.
 
-Bad samples follow `data.on_bad_sample` (vlmprobe.data.bad_samples); `metrics/data.json`
-records the dataset, split sizes and the skipped samples.
+Bad samples follow `data.on_bad_sample` (vlmprobe.data.bad_samples); `--metrics`
+(`metrics/data.json`) records the dataset, split sizes and the skipped samples.
 """
 
 from __future__ import annotations
@@ -152,36 +152,39 @@ def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
-def write_datasets(config: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Write images and clips under `out`; return what metrics/data.json records."""
+def write_datasets(config: dict[str, Any], images_dir: Path, clips_dir: Path) -> dict[str, Any]:
+    """Write images to `images_dir` and clips to `clips_dir`; return what metrics/data.json
+    records."""
     dataset = config["dataset"]
     skipped = apply_policy([], config["on_bad_sample"])
     # A local source goes first, so a bad sample stops the stage before anything is written.
     if dataset == "coco":
-        images = {"source": "coco", **write_coco_subset(out / "images", **config["coco"])}
+        images = {"source": "coco", **write_coco_subset(images_dir, **config["coco"])}
         skipped = images.pop("skipped")
     if dataset == "ssv2":
-        clips = {"source": "ssv2", **write_ssv2_subset(out / "clips", **config["ssv2"])}
+        clips = {"source": "ssv2", **write_ssv2_subset(clips_dir, **config["ssv2"])}
         skipped = clips.pop("skipped")
     if dataset != "coco":
-        images = {"source": "shapes", **generate_shapes(out / "images", **config["shapes"])}
+        images = {"source": "shapes", **generate_shapes(images_dir, **config["shapes"])}
     if dataset != "ssv2":
         clips = {"source": "moving_shapes",
-                 **generate_moving_shapes(out / "clips", **config["moving_shapes"])}
+                 **generate_moving_shapes(clips_dir, **config["moving_shapes"])}
     return {"dataset": config["dataset"], "images": images, "clips": clips, "skipped": skipped}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("data"), help="output directory")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/data.json"))
+    parser.add_argument("--images", type=Path, required=True, help="image dataset directory")
+    parser.add_argument("--clips", type=Path, required=True, help="clip dataset directory")
+    parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args(argv)
     config = validate(load_params(PARAMS))
 
     started = time.perf_counter()
-    metrics = write_datasets(config, args.out)
+    metrics = write_datasets(config, args.images, args.clips)
     write_json(args.metrics, metrics)
-    sizes = {name: round(_size_mb(args.out / name), 2) for name in ("images", "clips")}
+    sizes = {name: round(_size_mb(path), 2)
+             for name, path in (("images", args.images), ("clips", args.clips))}
     print(json.dumps({**metrics, "size_mb": sizes,
                       "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     if metrics["skipped"]["count"]:

@@ -4,9 +4,9 @@ Params are validated and the registry and points checked before any weights load
 to a scratch directory keyed by everything that determines the features (entry, settings, data
 and pixels, model code, weights: `vlmprobe.extract.scratch`), so an interrupted run (even
 `kill -9`) resumes from its last complete shard and a changed setup starts clean; each
-finished store is moved onto `data/features` / `data/clip_features` in one rename. Clip frames
-are stored as images `clip_id * n_frames + t`. `metrics/extract.json` records sizes, speed and
-provenance.
+finished store is moved onto `--out` / `--clip-out` in one rename. Clip frames are stored as
+images `clip_id * n_frames + t`. `--metrics` records sizes, speed and provenance. dvc.yaml
+passes every path.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from vlmprobe.extract.engine import (
 )
 from vlmprobe.extract.placement import require_max_memory
 from vlmprobe.extract.scratch import finish, scratch_path, scratch_store
-from vlmprobe.gpus import claim_device
+from vlmprobe.gpus import claim_device, require_device
 from vlmprobe.io import write_json
-from vlmprobe.models.base import dtype_for, resolve_device
+from vlmprobe.models.base import dtype_for
 from vlmprobe.models.registry import adapter_for, get_entry, select_points
 from vlmprobe.models.vlm import VLMAdapter
 from vlmprobe.params import (
@@ -50,7 +50,6 @@ from vlmprobe.params import (
 )
 
 PARAMS = ("vlm", "extract")
-DEVICES = ("cpu", "cuda", "auto")
 
 
 def validate(params: dict) -> dict:
@@ -64,8 +63,7 @@ def validate(params: dict) -> dict:
         "clip_points": clip_points(points, get(params, "extract.clip_points")),
         "batch_size": batch_size_param(params),
         "shard_size": require_int(params, "extract.shard_size", 1, 100_000),
-        "device": resolve_device(require_choice(params, "extract.device", DEVICES),
-                                 "extract.device"),
+        "device": require_device(params, "extract.device"),
         "loader_workers": require_int(params, "extract.loader_workers", 0, 64),
         "processes": require_int(params, "extract.processes", 1, 1024),
         "device_map": require_choice(params, "extract.device_map", ("none", "auto")),
@@ -166,11 +164,12 @@ def publish(work: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/images"))
-    parser.add_argument("--clips", type=Path, default=Path("data/clips"))
-    parser.add_argument("--out", type=Path, default=Path("data/features"))
-    parser.add_argument("--clip-out", type=Path, default=Path("data/clip_features"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/extract.json"))
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--clips", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--clip-out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    # Scratch space, not a pipeline output (dvc.yaml does not name it).
     parser.add_argument("--work", type=Path, default=Path(".vlmprobe"))
     args = parser.parse_args(argv)
     config = validate(load_params(PARAMS))

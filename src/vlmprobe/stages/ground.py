@@ -22,11 +22,11 @@ from tqdm import tqdm
 from vlmprobe.data.dataset import Split, coco_path, load_split
 from vlmprobe.data.shapes import CATEGORIES
 from vlmprobe.errors import MissingInput, stage_main
-from vlmprobe.gpus import claim_device
+from vlmprobe.gpus import claim_device, require_device
 from vlmprobe.io import read_json, rounded, write_json
-from vlmprobe.models.base import ModelAdapter, resolve_device
+from vlmprobe.models.base import ModelAdapter
 from vlmprobe.models.registry import RegistryEntry, adapter_for, get_entry
-from vlmprobe.params import load_params, require_choice, require_int, require_name
+from vlmprobe.params import load_params, require_int, require_name
 from vlmprobe.probes.grounding import (
     first_images,
     grounding_prompt,
@@ -38,7 +38,6 @@ from vlmprobe.probes.grounding import (
 )
 
 PARAMS = ("vlm", "ground")
-DEVICES = ("cpu", "cuda", "auto")
 SAMPLES = 5  # raw answers of each test kept in the metrics, to see what the model wrote
 
 
@@ -53,8 +52,7 @@ def validate(params: dict) -> dict:
         "batch_size": require_int(params, "ground.batch_size", 1, 4096),
         "threads": require_int(params, "ground.threads", 1, 1024),
         "bootstrap": require_int(params, "ground.bootstrap", 10, 1_000_000),
-        "device": resolve_device(require_choice(params, "ground.device", DEVICES),
-                                 "ground.device"),
+        "device": require_device(params, "ground.device"),
     }
 
 
@@ -126,8 +124,8 @@ def run_vqa(adapter: ModelAdapter, model: torch.nn.Module, split: Split, config:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/images"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/ground.json"))
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args(argv)
     config = validate(load_params(PARAMS))
     entry = config["entry"]

@@ -17,10 +17,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vlmprobe.data.dataset import SPLITS, Split, load_split
 from vlmprobe.errors import stage_main
 from vlmprobe.extract.store import FeatureStore
+from vlmprobe.gpus import require_device
 from vlmprobe.io import rounded, write_json, write_text
 from vlmprobe.params import (
     ParamsError,
@@ -36,9 +38,10 @@ from vlmprobe.probes.controls import oracle_tokens, pixel_tokens, shuffled_token
 from vlmprobe.probes.coverage import ProbeSettings, coverage_targets
 from vlmprobe.probes.dense import DenseSettings
 from vlmprobe.probes.detr import DetrSettings
-from vlmprobe.probes.reconstruction import ReconstructionSettings
+from vlmprobe.probes.reconstruction import ReconstructionSettings, ScoreSettings
 from vlmprobe.probes.suite import Suite, SuiteSettings
 from vlmprobe.probes.temporal import ClipData, TemporalSettings, run_temporal
+from vlmprobe.probes.training import FitSettings
 from vlmprobe.probes.validity import CONTROLLED, Band
 from vlmprobe.report.figures import box_samples, reconstruction_samples
 
@@ -46,8 +49,6 @@ PARAMS = ("probe",)
 CONTROLS = ("oracle", "oracle_shuffled", "shuffled", "pixels")
 TRAINED = ("dense", "detr", "reconstruction")
 LPIPS_NETS = ("alex", "vgg")
-CLIP_FEATURES = Path("data/clip_features")
-CLIPS = Path("data/clips")
 LPIPS_ASSETS = Path("data/assets/lpips")
 
 
@@ -81,15 +82,16 @@ def require_names(params: dict, key: str, valid: list[str] | None) -> list[str] 
     return [v for v in valid if v in value]
 
 
-def _trainer(params: dict, probe: str, seed: int, bootstrap: int, threads: int) -> dict:
+def fit_settings(params: dict, probe: str, seed: int, threads: int, device: torch.device,
+                 **loop: object) -> FitSettings:
+    """The fit loop's settings of one trained probe, `probe.<probe>.*`."""
     p = f"probe.{probe}"
-    return dict(
+    return FitSettings(
         steps=require_int(params, f"{p}.steps", 1, 1_000_000),
         batch_size=require_int(params, f"{p}.batch_size", 1, 4096),
         lr=require_float(params, f"{p}.lr", 1e-6, 1.0),
-        width=require_int(params, f"{p}.width", 8, 4096),
         eval_every=require_int(params, f"{p}.eval_every", 1, 1_000_000),
-        threads=threads, seed=seed, bootstrap=bootstrap,
+        seed=seed, threads=threads, device=device, **loop,
     )
 
 
@@ -99,6 +101,7 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
     seed = require_int(params, "probe.seed", 0, 2**31 - 1)
     bootstrap = require_int(params, "probe.bootstrap", 100, 100_000)
     threads = require_int(params, "probe.threads", 1, 256)
+    device = require_device(params, "probe.device")
     detr_width = require_int(params, "probe.detr.width", 8, 4096)
     heads = require_int(params, "probe.detr.heads", 1, 64)
     if detr_width % (4 * heads):
@@ -114,23 +117,33 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
             seed=seed,
         ),
         dense=DenseSettings(
-            **_trainer(params, "dense", seed, bootstrap, threads),
+            fit=fit_settings(params, "dense", seed, threads, device),
+            width=require_int(params, "probe.dense.width", 8, 4096),
+            bootstrap=bootstrap,
             depth=require_int(params, "probe.dense.depth", 1, 16),
             flip=require_bool(params, "probe.dense.flip"),
         ),
         detr=DetrSettings(
-            **_trainer(params, "detr", seed, bootstrap, threads),
+            fit=fit_settings(params, "detr", seed, threads, device),
+            width=detr_width,
+            bootstrap=bootstrap,
             layers=require_int(params, "probe.detr.layers", 1, 16),
             queries=require_int(params, "probe.detr.queries", 1, 1000),
             heads=heads,
             flip=require_bool(params, "probe.detr.flip"),
         ),
         reconstruction=ReconstructionSettings(
-            **_trainer(params, "reconstruction", seed, bootstrap, threads),
+            fit=fit_settings(params, "reconstruction", seed, threads, device, clip_norm=None,
+                             higher_is_better=False),
+            width=require_int(params, f"{rec}.width", 8, 4096),
             depth=require_int(params, f"{rec}.depth", 0, 16),
             patch_px=require_int(params, f"{rec}.patch_px", 1, 64),
-            edge_threshold=require_float(params, f"{rec}.edge_threshold", 0.001, 1.0),
-            edge_tolerance=require_int(params, f"{rec}.edge_tolerance", 0, 32),
+            scores=ScoreSettings(
+                edge_threshold=require_float(params, f"{rec}.edge_threshold", 0.001, 1.0),
+                edge_tolerance=require_int(params, f"{rec}.edge_tolerance", 0, 32),
+                bootstrap=bootstrap,
+                seed=seed,
+            ),
         ),
         bands={
             probe: Band(
@@ -190,16 +203,18 @@ def points_csv(points: dict, controls: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/images"))
-    parser.add_argument("--features", type=Path, default=Path("data/features"))
-    parser.add_argument("--clips", type=Path, default=CLIPS)
-    parser.add_argument("--clip-features", type=Path, default=CLIP_FEATURES)
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/probe.json"))
-    parser.add_argument("--plots", type=Path, default=Path("plots/probe"))
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--features", type=Path, required=True)
+    parser.add_argument("--clips", type=Path, required=True)
+    parser.add_argument("--clip-features", type=Path, required=True)
+    parser.add_argument("--assets", type=Path, required=True, help="LPIPS weights directory")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
     store = FeatureStore.open(args.features)
     config = validate(load_params(PARAMS), store.points)
-    settings = replace(config["settings"], curves_dir=args.plots / "curves")
+    settings = replace(config["settings"], assets_dir=args.assets,
+                       curves_dir=args.plots / "curves")
     seed = config["seed"]
 
     splits = {name: load_split(args.data, name) for name in SPLITS}

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from vlmprobe.data.dataset import SPLITS, load_split
-from vlmprobe.errors import MissingInput, stage_main
+from vlmprobe.errors import MissingInput, StaleInput, stage_main
 from vlmprobe.extract.store import FeatureStore
+from vlmprobe.gpus import require_device
 from vlmprobe.io import read_json, rounded, write_json
 from vlmprobe.metrics.image import Lpips
 from vlmprobe.params import (
@@ -33,7 +33,8 @@ from vlmprobe.params import (
 )
 from vlmprobe.probes.controls import pixel_tokens, shuffled_tokens
 from vlmprobe.probes.dense import DenseSettings
-from vlmprobe.probes.reconstruction import image_scores
+from vlmprobe.probes.reconstruction import ScoreSettings, image_scores
+from vlmprobe.probes.training import FitSettings
 from vlmprobe.reconstruct.adapters import ADAPTERS
 from vlmprobe.reconstruct.detector import DetectorSettings, ImageDetector
 from vlmprobe.reconstruct.training import TrainSettings, train_adapter
@@ -43,18 +44,6 @@ from vlmprobe.vae.registry import get_entry, load_vae
 PARAMS = ("video_vae", "reconstruct")
 CONTROLS = ("pixels", "shuffled")
 LPIPS_NETS = ("alex", "vgg")
-ALIGN_METRICS = Path("metrics/align.json")
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    """What `vlmprobe.probes.reconstruction.image_scores` reads (the probe protocol's
-    reconstruction scores, reused so both stages score alike)."""
-
-    edge_threshold: float
-    edge_tolerance: int
-    bootstrap: int
-    seed: int
 
 
 def validate(params: dict, points: list[str] | None = None) -> dict:
@@ -84,6 +73,7 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
                           f"set {r}.epochs).")
     seed = require_int(params, f"{r}.seed", 0, 2**31 - 1)
     threads = require_int(params, f"{r}.threads", 1, 256)
+    device = require_device(params, f"{r}.device")
     bootstrap = require_int(params, f"{r}.bootstrap", 100, 100_000)
     d = f"{r}.detector"
     steps = require_int(params, f"{d}.steps", 1, 1_000_000)
@@ -102,6 +92,7 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
             l2_weight=require_float(params, f"{r}.l2_weight", 0.0, 1000.0),
             threads=threads,
             seed=seed,
+            device=device,
         ),
         "scores": ScoreSettings(
             edge_threshold=require_float(params, f"{r}.edge_threshold", 0.001, 1.0),
@@ -112,15 +103,18 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
         "detector": DetectorSettings(
             train_samples=require_int(params, f"{d}.train_samples", 8, 10_000_000),
             dense=DenseSettings(
-                steps=steps,
-                batch_size=require_int(params, f"{d}.batch_size", 1, 4096),
-                lr=require_float(params, f"{d}.lr", 1e-7, 1.0),
+                fit=FitSettings(
+                    steps=steps,
+                    batch_size=require_int(params, f"{d}.batch_size", 1, 4096),
+                    lr=require_float(params, f"{d}.lr", 1e-7, 1.0),
+                    eval_every=require_int(params, f"{d}.eval_every", 1, steps),
+                    threads=require_int(params, f"{d}.threads", 1, 256),
+                    seed=seed,
+                    device=device,
+                ),
                 width=require_int(params, f"{d}.width", 8, 4096),
                 depth=require_int(params, f"{d}.depth", 1, 16),
                 flip=True,  # mirror augmentation, as the probe stage's default
-                eval_every=require_int(params, f"{d}.eval_every", 1, steps),
-                threads=require_int(params, f"{d}.threads", 1, 256),
-                seed=seed,
                 bootstrap=bootstrap,
             ),
         ),
@@ -140,9 +134,11 @@ def resolve_point(requested: str, store: FeatureStore, target: str, align_metric
         raise MissingInput(f"reconstruct.point = best needs {align_metrics}: run "
                          "`dvc repro align` first, or name a point.")
     meta = read_json(align_metrics)["meta"]
+    # Two inputs of this stage (and the target it is asked for) must agree.
     if (meta["vlm"], meta["target"]) != (store.manifest["vlm"], target):
-        raise SystemExit(f"error: {align_metrics} is for {meta['vlm']} vs {meta['target']}, not "
-                         f"{store.manifest['vlm']} vs {target}: run `dvc repro align`.")
+        raise StaleInput(f"{align_metrics} is for {meta['vlm']} vs {meta['target']}, not "
+                         f"{store.manifest['vlm']} vs {target} (the feature store's model and "
+                         "video_vae): run `dvc repro align`.")
     return meta["optimal_point"]
 
 
@@ -164,12 +160,12 @@ def validity(controls: dict, pixels_min: float, min_gap: float) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=Path("data/images"))
-    parser.add_argument("--features", type=Path, default=Path("data/features"))
-    parser.add_argument("--assets", type=Path, default=Path("data/assets/lpips"))
-    parser.add_argument("--align-metrics", type=Path, default=ALIGN_METRICS)
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/reconstruct.json"))
-    parser.add_argument("--plots", type=Path, default=Path("plots/reconstruct"))
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--features", type=Path, required=True)
+    parser.add_argument("--assets", type=Path, required=True, help="LPIPS weights directory")
+    parser.add_argument("--align-metrics", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
     args = parser.parse_args(argv)
     store = FeatureStore.open(args.features)
     config = validate(load_params(PARAMS), store.points)
@@ -185,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         "shuffled": lambda: {n: shuffled_tokens(features[n], config["train"].seed, i)
                              for i, n in enumerate(splits)},
     }
-    vae = load_vae(config["target"])
-    lpips = Lpips(config["lpips_net"], args.assets)
+    device = config["train"].device
+    vae = load_vae(config["target"]).to(device)
+    lpips = Lpips(config["lpips_net"], args.assets, device)
     print("reconstruct: training the image detector on the original images", flush=True)
     detector_start = time.perf_counter()
     detector = ImageDetector(config["detector"])

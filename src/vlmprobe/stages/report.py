@@ -1,5 +1,6 @@
 """Stage `report`: the plan's spatial deliverable, a markdown report and the figure, with the
-grounding and VQA results of the `ground` stage."""
+grounding and VQA results of the `ground` stage. It reads no params: the model is the one
+`metrics/probe.json` is of."""
 
 from __future__ import annotations
 
@@ -10,47 +11,42 @@ from pathlib import Path
 
 import yaml
 
-from vlmprobe.errors import stage_main
-from vlmprobe.io import read_json, write_text
-from vlmprobe.params import load_params, require_name
+from vlmprobe.errors import StaleInput, stage_main
+from vlmprobe.io import read_json, recorded_model, write_text
 from vlmprobe.report.figures import metrics_by_point
 from vlmprobe.report.spatial import COLUMNS, spatial_markdown, spatial_summary
 
-PARAMS = ("vlm",)
-PROBE_PLOTS = Path("plots/probe")  # the probe stage's figures, linked from the report
+PARAMS = ()
 
 
-def validate(params: dict) -> str:
-    """The registry entry name; whether it exists is the extract stage's check."""
-    return require_name(params, "vlm")
+def validate(params: dict) -> None:
+    """Nothing to check: the stage reads no params (`vlmprobe validate` calls every stage's)."""
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/probe.json"))
-    parser.add_argument("--data-metrics", type=Path, default=Path("metrics/data.json"))
-    parser.add_argument("--ground", type=Path, default=Path("metrics/ground.json"))
-    parser.add_argument("--results", type=Path, default=Path("results/p4"))
-    parser.add_argument("--figure", type=Path, default=Path("plots/report/metrics_by_point.png"))
+    parser.add_argument("--metrics", type=Path, required=True, help="the probe stage's")
+    parser.add_argument("--data-metrics", type=Path, required=True)
+    parser.add_argument("--ground", type=Path, required=True)
+    parser.add_argument("--probe-plots", type=Path, required=True,
+                        help="the probe stage's figures, linked from the report")
+    parser.add_argument("--results", type=Path, required=True,
+                        help="directory of the <vlm>-spatial.{yaml,md} deliverables")
+    parser.add_argument("--figure", type=Path, required=True)
     args = parser.parse_args(argv)
-    vlm = validate(load_params(PARAMS))
     metrics = read_json(args.metrics)
-    if metrics["meta"]["vlm"] != vlm:
-        raise SystemExit(
-            f"error: {args.metrics} is for {metrics['meta']['vlm']!r}, params say {vlm!r}. "
-            "Fix: `dvc repro` (it re-runs extract and probe first)."
-        )
+    vlm = recorded_model(metrics.get("meta"), args.metrics)
     ground = read_json(args.ground) if args.ground.exists() else None
-    if ground is not None and ground["meta"]["vlm"] != vlm:
-        raise SystemExit(f"error: {args.ground} is for {ground['meta']['vlm']!r}, params say "
-                         f"{vlm!r}. Fix: `dvc repro` (it re-runs the ground stage first).")
+    if ground is not None and recorded_model(ground.get("meta"), args.ground) != vlm:
+        raise StaleInput(f"{args.ground} is for {ground['meta']['vlm']!r}, {args.metrics} for "
+                         f"{vlm!r}. Fix: `dvc repro` (it re-runs the stale stage first).")
     summary = spatial_summary(metrics, ground)
     panels = {k: label for k, (label, _) in COLUMNS.items() if k != "map"}
     metrics_by_point(metrics, panels, f"{summary['model']}: spatial probes by point", args.figure)
     figures = {
         "metrics by extraction point": args.figure,
-        "predicted vs ground-truth boxes": PROBE_PLOTS / "boxes.png",
-        "reconstructions": PROBE_PLOTS / "reconstructions.png",
+        "predicted vs ground-truth boxes": args.probe_plots / "boxes.png",
+        "reconstructions": args.probe_plots / "reconstructions.png",
     }
     links = {label: os.path.relpath(path, args.results) for label, path in figures.items()}
     write_text(args.results / f"{vlm}-spatial.yaml", yaml.safe_dump(summary, sort_keys=False))

@@ -1,7 +1,8 @@
 """Stage `select`: the plan's decisions (E-P4.4, E-P4.7, section 5.3) for this run alone ->
 `metrics/select.json`. Decisions across runs (experiments) are `vlmprobe compare`'s.
 
-Reads exactly the metrics files named on the command line (dvc.yaml lists the same as deps).
+Reads exactly the metrics files named on the command line (dvc.yaml lists the same as deps);
+the model is the one `metrics/probe.json` is of (its `meta.vlm`), not the `vlm` param.
 Inference speed is relative to the Qwen2.5-VL baseline measured on the same machine; a single
 run has no baseline unless it is one, so its speed is "not measured" here.
 """
@@ -12,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlmprobe.errors import stage_main
-from vlmprobe.io import read_json, write_json
+from vlmprobe.errors import MissingInput, stage_main
+from vlmprobe.io import read_json, recorded_model, write_json
 from vlmprobe.models.registry import RegistryEntry, get_entry
 from vlmprobe.params import load_params, require_name
 from vlmprobe.report.spatial import plan
@@ -21,15 +22,25 @@ from vlmprobe.select.criteria import Measurement
 from vlmprobe.select.decide import decide
 from vlmprobe.select.measure import METRICS_FILES, build_run, declared_complexity
 
-PARAMS = ("vlm", "select")
+PARAMS = ("select",)
 FILE_NAMES = {Path(path).name: name for name, path in METRICS_FILES.items()}
 
 
 def validate(params: dict) -> dict:
-    entry = get_entry(require_name(params, "vlm"))
-    declared_complexity(entry)  # a malformed declaration fails here, before any work
     baseline = require_name(params, "select.speed_baseline")
-    return {"entry": entry, "speed_baseline": get_entry(baseline, "select.speed_baseline")}
+    return {"speed_baseline": get_entry(baseline, "select.speed_baseline")}
+
+
+def measured_entry(files: dict[str, dict | None], paths: list[Path]) -> RegistryEntry:
+    """The registry entry of the model the probe metrics are of."""
+    if files["probe"] is None:
+        raise MissingInput(f"no {METRICS_FILES['probe']} among {', '.join(map(str, paths))}: "
+                           "it names the model this stage decides on. Fix: the select stage "
+                           "in dvc.yaml.")
+    probe = [p for p in paths if FILE_NAMES[p.name] == "probe"][-1]  # the one read_metrics kept
+    entry = get_entry(recorded_model(files["probe"].get("meta"), probe))
+    declared_complexity(entry)  # a malformed declaration fails here, before any decision
+    return entry
 
 
 def read_metrics(paths: list[Path]) -> dict[str, dict | None]:
@@ -53,15 +64,11 @@ def own_speed(entry: RegistryEntry, baseline: RegistryEntry, files: dict) -> tup
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("metrics", type=Path, nargs="+", help="metrics files to decide from")
-    parser.add_argument("--out", type=Path, default=Path("metrics/select.json"))
+    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     config = validate(load_params(PARAMS))
-    entry = config["entry"]
     files = read_metrics(args.metrics)
-    measured = (files["probe"] or {}).get("meta", {}).get("vlm")
-    if measured not in (None, entry.name):
-        raise SystemExit(f"error: metrics/probe.json is for {measured!r}, params say "
-                         f"{entry.name!r}. Fix: `dvc repro` (it re-runs extract and probe first).")
+    entry = measured_entry(files, args.metrics)
     run = build_run(entry.name, entry.name, entry, files,
                     own_speed(entry, config["speed_baseline"], files))
     write_json(args.out, decide([run], [run.name], plan(),

@@ -32,6 +32,10 @@ class VideoVAE(ABC):
             )
         return TokenGeometry.single_grid((h, w), h // self.compression, w // self.compression)
 
+    def to(self, device: torch.device) -> VideoVAE:
+        """Move the decoder's weights (if it has any) to `device`; returns self."""
+        return self
+
     @abstractmethod
     def encode_batch(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> normalised latents (B, C, rows, cols)."""

@@ -63,6 +63,10 @@ class LtxVideoVAE(VideoVAE):
         return {**super().describe(), "decode_timestep": self.decode_timestep,
                 "n_parameters": sum(p.numel() for p in self.model.parameters())}
 
+    def to(self, device: torch.device) -> LtxVideoVAE:
+        self.model.to(device)
+        return self
+
     def _statistics(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Per-channel latents_mean, latents_std (shaped for (B, C, T, H, W)), scaling_factor."""
         mean = self.model.latents_mean.view(1, -1, 1, 1, 1).float()
@@ -80,6 +84,6 @@ class LtxVideoVAE(VideoVAE):
         z = latents.unsqueeze(2) * std / scale + mean
         timestep = None
         if self.model.config.timestep_conditioning:
-            timestep = torch.full((len(z),), self.decode_timestep, dtype=z.dtype)
+            timestep = torch.full((len(z),), self.decode_timestep, dtype=z.dtype, device=z.device)
         frames = self.model.decode(z, temb=timestep).sample  # (B, 3, 1, H, W) in about [-1, 1]
         return (frames[:, :, 0] + 1.0) / 2.0
