@@ -11,7 +11,6 @@ import torch
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.reconstruct.adapters import ADAPTERS, build_adapter, n_parameters, subcell_weights
 from vlmprobe.reconstruct.training import TrainSettings, train_adapter
-from vlmprobe.stages.reconstruct import validity
 from vlmprobe.vae.registry import load_vae
 
 SOURCE = TokenGeometry.single_grid((64, 64), 4, 4)
@@ -58,10 +57,3 @@ def test_training_is_deterministic_and_learns_pixels(tmp_path: Path):
     assert np.array_equal(first, second) and first.shape == (4, 64, 64, 3)
     assert runs[0][1]["steps"] == 6
     assert (tmp_path / "0" / "x").is_dir()  # dvclive curves
-
-
-def test_validity_needs_the_pixels_floor_and_the_gap():
-    good = {"pixels": {"spatial_iou": 0.8}, "shuffled": {"spatial_iou": 0.3}}
-    assert validity(good, 0.7, 0.3)["valid"]
-    close = {"pixels": {"spatial_iou": 0.8}, "shuffled": {"spatial_iou": 0.6}}
-    assert not validity(close, 0.7, 0.3)["valid"]

@@ -139,16 +139,18 @@ def test_malformed_complexity_names_the_entry_and_the_choices():
 
 
 def test_invalid_reconstruct_stage_falls_back_to_the_probe_decoder_saying_why():
+    reason = "pixels spatial_iou 0.600 < 0.7"
     reconstruct = {"points": {"p": {"spatial_iou": 0.9}},
-                   "validity": {"pixels_ok": False, "gap_ok": True, "valid": False}}
+                   "validity": {"reconstruction": {"metric": "spatial_iou", "valid": False,
+                                                   "reason": reason}}}
     found, _ = measure({"probe": probe_metrics(), "reconstruct": reconstruct})
     assert found["spatial_iou"].value == 0.5  # the probe stage's decoder, not the invalid 0.9
-    assert "(controls missed their bands (pixels_ok))" in found["spatial_iou"].source
+    assert f"reconstruction probe invalid: {reason}" in found["spatial_iou"].source
     found, missing = measure({"probe": probe_metrics(valid_reconstruction=False),
                               "reconstruct": reconstruct})
     assert found["spatial_iou"] is None
     why = missing["spatial_iou"]
-    assert "pixels_ok" in why and "reconstruction probe" in why
+    assert reason in why and "reconstruction probe" in why
 
 
 def test_a_quantity_not_applicable_says_why():

@@ -32,8 +32,6 @@ class SuiteSettings:
     reconstruction: ReconstructionSettings
     bands: dict[str, Band]
     lpips_net: str
-    assets_dir: Path
-    curves_dir: Path
 
 
 @dataclass
@@ -48,12 +46,14 @@ class Artifacts:
 class Suite:
     splits: dict[str, Split]
     settings: SuiteSettings
+    assets_dir: Path  # the LPIPS weights (the assets stage's)
+    curves_dir: Path  # dvclive curves: <probe>/<point or control>/
     timings: dict[str, float] = field(default_factory=dict)
     _lpips: Lpips | None = None
 
     def lpips(self) -> Lpips:
         if self._lpips is None:
-            self._lpips = Lpips(self.settings.lpips_net, self.settings.assets_dir)
+            self._lpips = Lpips(self.settings.lpips_net, self.assets_dir)
         return self._lpips
 
     def _timed(self, key: str, fn: Callable):
@@ -82,18 +82,18 @@ class Suite:
         if "dense" in probes:
             found, artifacts.detections["dense"] = self._timed(
                 f"dense/{name}", lambda: run_dense_probe(
-                    features, self.splits, geometry, s.dense, s.curves_dir / "dense" / name))
+                    features, self.splits, geometry, s.dense, self.curves_dir / "dense" / name))
             metrics.update(found)
         if "detr" in probes:
             found, artifacts.detections["detr"] = self._timed(
                 f"detr/{name}", lambda: run_detr_probe(
-                    features, self.splits, geometry, s.detr, s.curves_dir / "detr" / name))
+                    features, self.splits, geometry, s.detr, self.curves_dir / "detr" / name))
             metrics.update(found)
         if "reconstruction" in probes:
             found, artifacts.reconstructions = self._timed(
                 f"reconstruction/{name}", lambda: run_reconstruction_probe(
                     features, self.splits, geometry, self.lpips(), s.reconstruction,
-                    s.curves_dir / "reconstruction" / name))
+                    self.curves_dir / "reconstruction" / name))
             metrics.update(found)
         return metrics, artifacts
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlmprobe.params import require_float
+
 # probe -> (its headline metric, positive control, negative control)
 CONTROLLED: dict[str, tuple[str, str, str]] = {
     "bbox": ("bbox_iou", "oracle", "oracle_shuffled"),
@@ -20,6 +22,15 @@ class Band:
     positive_min: float  # the positive control must reach this
     negative_max: float  # the negative control must stay at or below this...
     min_gap: float  # ...and at least this far below the positive control
+
+
+def require_band(params: dict, probe: str) -> Band:
+    """`probe.bands.<probe>` from params: the one definition of a probe's band, read by every
+    stage that judges that probe (the reconstruct stage judges `reconstruction` with it)."""
+    key = f"probe.bands.{probe}"
+    return Band(positive_min=require_float(params, f"{key}.positive_min", 0.0, 1.0),
+                negative_max=require_float(params, f"{key}.negative_max", 0.0, 1.0),
+                min_gap=require_float(params, f"{key}.min_gap", 0.0, 1.0))
 
 
 def probe_validity(probe: str, controls: dict[str, dict], band: Band) -> dict:

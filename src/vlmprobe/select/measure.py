@@ -13,8 +13,9 @@ Where each quantity comes from (first source that has it; per-point metrics at t
 - integration_complexity: declared in the model's registry entry.
 
 A quantity is not measured (None, with the reason) when its file or metric is absent, or when the
-file's `validity` section marks the producing probe (or the whole file) invalid: its controls
-missed their bands. A value taken from a fallback source names why the first was passed over.
+file's `validity` section (one verdict per probe, `vlmprobe.probes.validity`) marks the
+producing probe invalid: its controls missed their bands. A value taken from a fallback source
+names why the first was passed over.
 """
 
 from __future__ import annotations
@@ -76,10 +77,6 @@ def invalid_reason(metrics: dict[str, Any], metric: str) -> str | None:
     validity = metrics.get("validity")
     if not isinstance(validity, dict):
         return None
-    if validity.get("valid") is False:  # one verdict for the whole file
-        failed = [k for k, v in validity.items() if k.endswith("_ok") and v is False]
-        return validity.get("reason") or (
-            f"controls missed their bands ({', '.join(failed) or 'valid: false'})")
     for probe, verdict in validity.items():
         if not isinstance(verdict, dict) or verdict.get("valid") is not False:
             continue

@@ -13,7 +13,6 @@ import io
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +41,13 @@ from vlmprobe.probes.reconstruction import ReconstructionSettings, ScoreSettings
 from vlmprobe.probes.suite import Suite, SuiteSettings
 from vlmprobe.probes.temporal import ClipData, TemporalSettings, run_temporal
 from vlmprobe.probes.training import FitSettings
-from vlmprobe.probes.validity import CONTROLLED, Band
+from vlmprobe.probes.validity import CONTROLLED, require_band
 from vlmprobe.report.figures import box_samples, reconstruction_samples
 
 PARAMS = ("probe",)
 CONTROLS = ("oracle", "oracle_shuffled", "shuffled", "pixels")
 TRAINED = ("dense", "detr", "reconstruction")
 LPIPS_NETS = ("alex", "vgg")
-LPIPS_ASSETS = Path("data/assets/lpips")
 
 
 def require_names(params: dict, key: str, valid: list[str] | None) -> list[str] | str:
@@ -145,17 +143,8 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
                 seed=seed,
             ),
         ),
-        bands={
-            probe: Band(
-                positive_min=require_float(params, f"probe.bands.{probe}.positive_min", 0.0, 1.0),
-                negative_max=require_float(params, f"probe.bands.{probe}.negative_max", 0.0, 1.0),
-                min_gap=require_float(params, f"probe.bands.{probe}.min_gap", 0.0, 1.0),
-            )
-            for probe in CONTROLLED
-        },
+        bands={probe: require_band(params, probe) for probe in CONTROLLED},
         lpips_net=require_choice(params, f"{rec}.lpips_net", LPIPS_NETS),
-        assets_dir=LPIPS_ASSETS,
-        curves_dir=Path("plots/probe/curves"),
     )
     return {
         "settings": settings,
@@ -213,15 +202,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     store = FeatureStore.open(args.features)
     config = validate(load_params(PARAMS), store.points)
-    settings = replace(config["settings"], assets_dir=args.assets,
-                       curves_dir=args.plots / "curves")
+    settings = config["settings"]
     seed = config["seed"]
 
     splits = {name: load_split(args.data, name) for name in SPLITS}
     reference = store.points[-1]  # the deepest point: the controls use its grid and tokens
     geometry = store.geometry(reference)
     targets = per_split(lambda _, s: coverage_targets(s, geometry), splits)
-    suite = Suite(splits, settings)
+    suite = Suite(splits, settings, args.assets, args.plots / "curves")
 
     points, point_artifacts = {}, {}
     for point in store.points:

@@ -35,13 +35,14 @@ from vlmprobe.probes.controls import pixel_tokens, shuffled_tokens
 from vlmprobe.probes.dense import DenseSettings
 from vlmprobe.probes.reconstruction import ScoreSettings, image_scores
 from vlmprobe.probes.training import FitSettings
+from vlmprobe.probes.validity import probe_validity, require_band
 from vlmprobe.reconstruct.adapters import ADAPTERS
 from vlmprobe.reconstruct.detector import DetectorSettings, ImageDetector
 from vlmprobe.reconstruct.training import TrainSettings, train_adapter
 from vlmprobe.report.figures import reconstruction_samples
 from vlmprobe.vae.registry import get_entry, load_vae
 
-PARAMS = ("video_vae", "reconstruct")
+PARAMS = ("video_vae", "reconstruct", "probe.bands.reconstruction")
 CONTROLS = ("pixels", "shuffled")
 LPIPS_NETS = ("alex", "vgg")
 
@@ -120,8 +121,7 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
         ),
         "lpips_net": require_choice(params, f"{r}.lpips_net", LPIPS_NETS),
         "samples": require_int(params, f"{r}.samples", 1, 32),
-        "pixels_min": require_float(params, f"{r}.bands.pixels_min", 0.0, 1.0),
-        "min_gap": require_float(params, f"{r}.bands.min_gap", 0.0, 1.0),
+        "band": require_band(params, "reconstruction"),
     }
 
 
@@ -142,20 +142,6 @@ def resolve_point(requested: str, store: FeatureStore, target: str, align_metric
     return meta["optimal_point"]
 
 
-
-
-def validity(controls: dict, pixels_min: float, min_gap: float) -> dict:
-    """The controls' bands on spatial_iou: pixels (positive) at least `pixels_min`, shuffled
-    (negative) at least `min_gap` below pixels."""
-    out = {"pixels_min": pixels_min, "min_gap": min_gap}
-    if "pixels" in controls:
-        out["pixels_ok"] = controls["pixels"]["spatial_iou"] >= pixels_min
-    if {"pixels", "shuffled"} <= set(controls):
-        gap = controls["pixels"]["spatial_iou"] - controls["shuffled"]["spatial_iou"]
-        out["gap"] = gap
-        out["gap_ok"] = gap >= min_gap
-    out["valid"] = all(v for k, v in out.items() if k.endswith("_ok"))
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         "detector": detector_info,
         "points": {point: results[point]},
         "controls": controls,
-        "validity": validity(controls, config["pixels_min"], config["min_gap"]),
+        "validity": {"reconstruction": probe_validity("reconstruction", controls,
+                                                      config["band"])},
     })
     write_json(args.metrics, metrics)
     reconstruction_samples(splits["test"].images, reconstructions, config["samples"],
@@ -245,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     # Wall time is printed, not stored: metrics must repeat exactly from run to run.
     print(f"reconstruct: {time.perf_counter() - start:.1f} s (of which the image detector "
           f"{detector_seconds:.1f} s); validity {metrics['validity']}", flush=True)
-    if not metrics["validity"]["valid"]:
+    if metrics["validity"]["reconstruction"]["valid"] is False:
         print("warning: the reconstruction controls missed their bands; this run's "
               "reconstruction results are not valid", flush=True)
 
