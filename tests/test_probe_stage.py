@@ -103,6 +103,14 @@ def test_probe_and_report_stages_end_to_end(workdir, monkeypatch):
     for name in ("boxes.png", "reconstructions.png", "points.csv"):
         assert (workdir / "plots/probe" / name).stat().st_size > 0
     assert (workdir / "plots/probe/curves/detr/b/plots/metrics/val_map50.tsv").exists()
+    # Training noise: every trained probe at the deepest point, trained again with seed + 1
+    deepest = metrics["points"]["b"]
+    for metric in ("dense_map50", "map50", "spatial_iou"):
+        seeds = deepest[f"{metric}_seeds"]
+        assert len(seeds) == 2 and seeds[0] == deepest[metric]
+        assert deepest[f"{metric}_seed_range"] == pytest.approx(max(seeds) - min(seeds), abs=1e-4)
+    assert "dense_map50_seeds" not in metrics["points"]["a"]
+    assert (workdir / "plots/probe/curves/detr/b-seed1/plots/metrics/val_map50.tsv").exists()
 
     report_stage.main(stage_args("report"))
     summary = yaml.safe_load((workdir / "results/p4/tiny-spatial.yaml").read_text())

@@ -3,6 +3,8 @@ metrics files: absent or invalid is not measured, never guessed."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from vlmprobe.models.registry import RegistryError, get_entry
@@ -159,3 +161,17 @@ def test_a_quantity_not_applicable_says_why():
     found, why = best_measurement(ground, "metrics/ground.json", ("vqa_acc",), False)
     assert found is None
     assert why == "vqa_acc not in metrics/ground.json (not applicable: x does not generate text)"
+
+
+def test_training_seeds_widen_the_interval_so_noise_is_no_difference():
+    # DETR-style map50 from two seeds, 0.847 and 0.825 (the spread two CPUs gave one seed)
+    metrics = {"points": {"final": {"map50": 0.847, "map50_ci95": [0.83, 0.86],
+                                    "map50_seeds": [0.847, 0.825]}},
+               "validity": {"detr": {"valid": True}}}
+    m, _ = best_measurement(metrics, "metrics/probe.json", ("map50",), False)
+    assert m.seeds == (0.847, 0.825) and m.ci95 == (0.83, 0.86)
+    assert m.interval == pytest.approx((0.83 - 0.022, 0.86))
+    # Inside the bootstrap interval a threshold of 0.82 passes; within the seeds' noise it is
+    # not decided.
+    assert judge(Criterion("map50", ">", 0.82, ""), replace(m, seeds=None)) == "pass"
+    assert judge(Criterion("map50", ">", 0.82, ""), m) == "undecided"

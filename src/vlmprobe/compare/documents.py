@@ -27,7 +27,9 @@ SCORE_NOTE = (
 )
 VERDICT_NOTE = (
     "Verdicts: **pass** / **fail** when the whole 95% interval is on one side of the threshold, "
-    "**undecided** when it straddles the threshold (not decided at this sample size), "
+    "**undecided** when it straddles the threshold (not decided at this sample size); a trained "
+    "probe run over several seeds has its interval widened by their spread first (shown as "
+    "`seeds a-b`), so a difference within training noise is no difference; "
     "**not measured** when the quantity is absent or its probe failed its controls."
 )
 
@@ -53,6 +55,8 @@ def fmt(judged_run: dict[str, Any], quantity: str) -> str:
     text = f"{m['value']:.3f}"
     if "ci95" in m:
         text += f" [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+    if "seeds" in m:
+        text += f" (seeds {min(m['seeds']):.3f}-{max(m['seeds']):.3f})"
     return text
 
 

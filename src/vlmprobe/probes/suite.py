@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from vlmprobe.probes.dense import DenseSettings, run_dense_probe
 from vlmprobe.probes.detection import Detections
 from vlmprobe.probes.detr import DetrSettings, run_detr_probe
 from vlmprobe.probes.reconstruction import ReconstructionSettings, run_reconstruction_probe
-from vlmprobe.probes.validity import Band, probe_validity
+from vlmprobe.probes.validity import CONTROLLED, Band, probe_validity
 
 TOKEN_PROBES = ("bbox", "dense", "detr", "reconstruction")  # probes on single-image tokens
 
@@ -56,12 +56,12 @@ class Suite:
             self._lpips = Lpips(self.settings.lpips_net, self.assets_dir)
         return self._lpips
 
-    def _timed(self, key: str, fn: Callable):
+    def _timed(self, key: str, fn: Callable, *args):
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        result = fn()
+        result = fn(*args)
         self.timings[key] = time.perf_counter() - start
         peak = (f" (peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB)"
                 if cuda else "")
@@ -70,31 +70,51 @@ class Suite:
 
     def run(
         self, name: str, features: dict[str, np.ndarray], targets: dict[str, np.ndarray],
-        geometry: TokenGeometry, probes: set[str],
+        geometry: TokenGeometry, probes: set[str], seeds: int = 1,
     ) -> tuple[dict, Artifacts]:
-        """Every probe in `probes` on one set of tokens (a point or a control) named `name`."""
+        """Every probe in `probes` on one set of tokens (a point or a control) named `name`.
+
+        With `seeds` > 1 each trained probe is trained again with seeds seed + 1, ...: its
+        headline metric's values go beside it as `<metric>_seeds` (the first is the reported
+        run's) and their range as `<metric>_seed_range`. Training noise is not in the
+        bootstrap interval, which resamples test images only.
+        """
         s = self.settings
         metrics: dict = {}
         artifacts = Artifacts()
         if "bbox" in probes:
             metrics.update(self._timed(f"bbox/{name}", lambda: run_bbox_probe(
                 features, targets, self.splits, geometry, s.bbox)))
-        if "dense" in probes:
-            found, artifacts.detections["dense"] = self._timed(
-                f"dense/{name}", lambda: run_dense_probe(
-                    features, self.splits, geometry, s.dense, self.curves_dir / "dense" / name))
+        trained = {
+            "dense": lambda settings, curves: run_dense_probe(
+                features, self.splits, geometry, settings, curves),
+            "detr": lambda settings, curves: run_detr_probe(
+                features, self.splits, geometry, settings, curves),
+            "reconstruction": lambda settings, curves: run_reconstruction_probe(
+                features, self.splits, geometry, self.lpips(), settings, curves),
+        }
+        for probe, train in trained.items():
+            if probe not in probes:
+                continue
+            settings = getattr(s, probe)
+            found, artifact = self._timed(f"{probe}/{name}", train, settings,
+                                          self.curves_dir / probe / name)
             metrics.update(found)
-        if "detr" in probes:
-            found, artifacts.detections["detr"] = self._timed(
-                f"detr/{name}", lambda: run_detr_probe(
-                    features, self.splits, geometry, s.detr, self.curves_dir / "detr" / name))
-            metrics.update(found)
-        if "reconstruction" in probes:
-            found, artifacts.reconstructions = self._timed(
-                f"reconstruction/{name}", lambda: run_reconstruction_probe(
-                    features, self.splits, geometry, self.lpips(), s.reconstruction,
-                    self.curves_dir / "reconstruction" / name))
-            metrics.update(found)
+            if probe == "reconstruction":
+                artifacts.reconstructions = artifact
+            else:
+                artifacts.detections[probe] = artifact
+            metric = CONTROLLED[probe][0]
+            values = [found.get(metric)]
+            for extra in range(1, seeds):
+                seed = settings.fit.seed + extra
+                reseeded = replace(settings, fit=replace(settings.fit, seed=seed))
+                again, _ = self._timed(f"{probe}/{name}/seed{seed}", train, reseeded,
+                                       self.curves_dir / probe / f"{name}-seed{seed}")
+                values.append(again.get(metric))
+            if seeds > 1 and all(isinstance(v, float | int) for v in values):
+                metrics[f"{metric}_seeds"] = values
+                metrics[f"{metric}_seed_range"] = max(values) - min(values)
         return metrics, artifacts
 
     def validity(self, controls: dict[str, dict], probes_run: set[str]) -> dict:

@@ -20,10 +20,18 @@ class Measurement:
     value: float
     ci95: tuple[float, float] | None  # None where there is no interval (plan figure, timing)
     source: str  # where the number came from, shown beside it
+    seeds: tuple[float, ...] | None = None  # a trained probe's value for each training seed
 
     @property
     def interval(self) -> tuple[float, float]:
-        return self.ci95 if self.ci95 is not None else (self.value, self.value)
+        """What a decision reads: the bootstrap interval, widened by the training seeds' spread
+        (each end moved as far as the farthest seed's value lies from the reported one on that
+        side), so a difference within training noise is no difference."""
+        lo, hi = self.ci95 if self.ci95 is not None else (self.value, self.value)
+        if self.seeds:
+            lo -= max(0.0, self.value - min(self.seeds))
+            hi += max(0.0, max(self.seeds) - self.value)
+        return lo, hi
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ def _measurement(run: Run, quantity: str) -> dict[str, Any]:
     out: dict[str, Any] = {"value": round(m.value, METRIC_DIGITS), "source": m.source}
     if m.ci95 is not None:
         out["ci95"] = [round(v, METRIC_DIGITS) for v in m.ci95]
+    if m.seeds:
+        out["seeds"] = [round(v, METRIC_DIGITS) for v in m.seeds]
+        out["decision_interval"] = [round(v, METRIC_DIGITS) for v in m.interval]
     if quantity == "integration_complexity":
         out["level"] = run.complexity
     return out

@@ -20,7 +20,7 @@ names why the first was passed over.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlmprobe.models.registry import RegistryEntry, RegistryError
@@ -92,6 +92,13 @@ def _ci(record: dict[str, Any], metric: str) -> tuple[float, float] | None:
     return None
 
 
+def _seeds(record: dict[str, Any], metric: str) -> tuple[float, ...] | None:
+    values = record.get(f"{metric}_seeds")
+    if isinstance(values, list) and values and all(_is_number(v) for v in values):
+        return tuple(float(v) for v in values)
+    return None
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
@@ -117,7 +124,7 @@ def best_measurement(metrics: dict[str, Any], path: str, keys: tuple[str, ...],
         for label, record in _records(metrics):
             if _is_number(record.get(key)):
                 candidates.append(Measurement(float(record[key]), _ci(record, key),
-                                              f"{path} {label}{key}"))
+                                              f"{path} {label}{key}", _seeds(record, key)))
     if not candidates:
         skipped = metrics.get("not_applicable")
         why = f" ({'; '.join(sorted(set(skipped.values())))})" if isinstance(skipped, dict) \
@@ -146,8 +153,8 @@ def measure(files: dict[str, dict[str, Any] | None]) -> tuple[dict[str, Measurem
             if m is not None:
                 # A fallback source says why the preferred one was not used.
                 passed_over = "; ".join(r for r in reasons if "absent" not in r)
-                measurements[quantity] = m if not passed_over else Measurement(
-                    m.value, m.ci95, f"{m.source} ({passed_over})")
+                measurements[quantity] = m if not passed_over else replace(
+                    m, source=f"{m.source} ({passed_over})")
                 break
             reasons.append(why)
         if measurements[quantity] is None:

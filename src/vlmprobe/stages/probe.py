@@ -162,6 +162,7 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
         "oracle_dim": require_int(params, "probe.oracle.dim", 2, 8192),
         "oracle_noise": require_float(params, "probe.oracle.noise", 0.0, 10.0),
         "samples": require_int(params, "probe.figures.samples", 1, 32),
+        "seeds": require_int(params, "probe.seeds", 1, 100),
         "seed": seed,
     }
 
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         features = {name: store.load(point, s.image_ids) for name, s in splits.items()}
         probes = {"bbox"} | {p for p in TRAINED if point in config["points"][p]}
         points[point], point_artifacts[point] = suite.run(
-            point, features, point_targets, point_geometry, probes)
+            point, features, point_targets, point_geometry, probes,
+            seeds=config["seeds"] if point == reference else 1)
 
     oracle = per_split(
         lambda i, _: oracle_tokens(
