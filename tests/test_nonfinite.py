@@ -222,7 +222,8 @@ def test_bbox_probe_with_nan_coverage_is_marked_invalid(tiny, monkeypatch):  # n
     targets = {n: coverage.coverage_targets(s, geometry) for n, s in splits.items()}
     settings = coverage.ProbeSettings([1.0], [0.5], 4, 100, 0)
     monkeypatch.setattr(coverage, "_predict",
-                        lambda linear, tokens: np.full((len(tokens), geometry.n_tokens, 3), NAN))
+                        lambda linear, tokens: np.full((tokens.shape[0], geometry.n_tokens, 3),
+                                                       NAN))
     metrics = coverage.run_bbox_probe(oracle, targets, splits, geometry, settings)
     assert set(metrics) == {"bbox_invalid"}
     assert "no ridge penalty gave finite coverage" in metrics["bbox_invalid"]

@@ -20,6 +20,10 @@ class MissingInput(VlmprobeError, FileNotFoundError):
     """A stage's input is not there: the stage that writes it has not run."""
 
 
+class CorruptInput(VlmprobeError):
+    """A stage's input is there but damaged (a truncated or rewritten file)."""
+
+
 class StaleInput(VlmprobeError):
     """Two of a stage's inputs disagree (metrics of one model beside features of another): one
     of them is out of date, and the stage that writes it must run again."""

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from vlmprobe.errors import MissingInput
+from vlmprobe.errors import CorruptInput, MissingInput
 from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.extract.tokens import every_row
 from vlmprobe.io import read_json, umask, write_json
 
 MANIFEST = "manifest.json"
@@ -137,22 +137,105 @@ class FeatureStore:
     def geometry(self, point: str) -> TokenGeometry:
         return TokenGeometry.from_dict(self.manifest["points"][point]["geometry"])
 
+    def tokens(self, point: str, image_ids: list[int] | None = None) -> StoredTokens:
+        """Features of `point` for `image_ids` (default: all, in shard order), read on demand."""
+        return StoredTokens.open(self.root / point, self.manifest["points"][point]["shards"],
+                                 image_ids)
+
     def load(self, point: str, image_ids: list[int] | None = None) -> np.ndarray:
         """Features of `point` as float32 (N, T, D), for `image_ids` in that order (default all)."""
-        info = self.manifest["points"][point]
-        feats, ids = [], []
-        for name in info["shards"]:
-            shard = load_file(str(self.root / point / name))
-            feats.append(shard["features"].float().numpy())
-            ids.extend(shard["image_ids"].tolist())
-        stacked = np.concatenate(feats, axis=0)
-        if image_ids is None:
-            return stacked
-        row = {image_id: i for i, image_id in enumerate(ids)}
-        missing = [i for i in image_ids if i not in row]
+        return every_row(self.tokens(point, image_ids))
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where a shard's feature rows lie in its file (from its safetensors header)."""
+
+    path: Path
+    image_ids: list[int]
+    row_shape: tuple[int, int]
+    start: int  # byte offset of the first feature row
+
+    @classmethod
+    def read(cls, path: Path) -> ShardLayout:
+        def corrupt(why: str) -> CorruptInput:
+            return CorruptInput(f"{path}: {why}; the shard is damaged. Fix: delete the feature "
+                                f"store and `dvc repro extract` (or `dvc checkout`).")
+
+        try:
+            with path.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > 1 << 20:
+                    raise corrupt(f"header of {length} bytes")
+                header = json.loads(f.read(length))
+                begin = 8 + length
+                ids, features = header["image_ids"], header["features"]
+                f.seek(begin + ids["data_offsets"][0])
+                image_ids = np.frombuffer(f.read(8 * ids["shape"][0]), dtype="<i8").tolist()
+        except (struct.error, ValueError, KeyError, TypeError) as e:
+            raise corrupt(f"unreadable header ({e})") from e
+        n, *row_shape = features["shape"]
+        if features["dtype"] != SAFETENSORS_DTYPES[STORED_DTYPE] or len(row_shape) != 2:
+            raise corrupt(f"features of {features['dtype']} {features['shape']}, expected "
+                          f"{SAFETENSORS_DTYPES[STORED_DTYPE]} (n, T, D)")
+        start, end = (begin + o for o in features["data_offsets"])
+        if len(image_ids) != n or end - start != n * math.prod(row_shape) * 2:
+            raise corrupt("the header's shapes and offsets disagree")
+        if path.stat().st_size < end:
+            raise corrupt(f"{path.stat().st_size} bytes, its header says {end}")
+        return cls(path, image_ids, tuple(row_shape), start)
+
+
+@dataclass(frozen=True)
+class StoredTokens:
+    """A point's features for some images, read from the shards a batch at a time (positioned
+    reads, not a memory map: pages of a map that were read count towards the process's
+    resident memory, so a probe's memory would grow with the store it has read)."""
+
+    shards: list[ShardLayout]
+    where: np.ndarray  # (N, 2): shard number and row of each requested image
+
+    @classmethod
+    def open(cls, directory: Path, names: list[str],
+             image_ids: list[int] | None = None) -> StoredTokens:
+        shards = [ShardLayout.read(directory / name) for name in names]
+        if len({s.row_shape for s in shards}) > 1:
+            raise CorruptInput(f"{directory}: shards of different token shapes "
+                               f"{sorted({s.row_shape for s in shards})}. Fix: delete the "
+                               f"feature store and `dvc repro extract`.")
+        found = {image_id: (k, row) for k, s in enumerate(shards)
+                 for row, image_id in enumerate(s.image_ids)}
+        wanted = list(found) if image_ids is None else image_ids
+        missing = [i for i in wanted if i not in found]
         if missing:
-            raise KeyError(f"image ids {missing[:5]} not in the feature store at {self.root}")
-        return stacked[[row[i] for i in image_ids]]
+            raise KeyError(f"image ids {missing[:5]} not in the feature store at "
+                           f"{directory.parent}")
+        return cls(shards, np.array([found[i] for i in wanted], dtype=np.int64).reshape(-1, 2))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.where), *self.shards[0].row_shape)
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        t, d = self.shards[0].row_shape
+        row_bytes = t * d * STORED_DTYPE.itemsize
+        out = np.empty((len(index), t, d), dtype=np.float32)
+        where = self.where[np.asarray(index, dtype=np.int64)]
+        # Runs of consecutive rows of one shard are read with one call.
+        breaks = np.flatnonzero((np.diff(where[:, 0]) != 0) | (np.diff(where[:, 1]) != 1)) + 1
+        for run in np.split(np.arange(len(where)), breaks):
+            if not len(run):
+                continue
+            shard = self.shards[where[run[0], 0]]
+            offset = shard.start + int(where[run[0], 1]) * row_bytes
+            with shard.path.open("rb") as f:
+                data = os.pread(f.fileno(), len(run) * row_bytes, offset)
+            if len(data) != len(run) * row_bytes:
+                raise CorruptInput(f"{shard.path}: ends early (read {len(data)} of "
+                                   f"{len(run) * row_bytes} bytes at {offset}). Fix: delete "
+                                   f"the feature store and `dvc repro extract`.")
+            out[run] = np.frombuffer(data, dtype=np.float16).reshape(len(run), t, d)
+        return out
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry, region_coverage
+from vlmprobe.extract.tokens import Tokens, as_tokens, chunks
 from vlmprobe.metrics.boxes import bootstrap_ci, matched_iou, ratio_of_sums
 from vlmprobe.metrics.coco_map import coco_map, load_coco
 from vlmprobe.probes.detection import (
@@ -26,7 +27,7 @@ from vlmprobe.probes.detection import (
     invalid_result,
     require_finite_predictions,
 )
-from vlmprobe.probes.ridge import LinearMap, fit_ridge_path
+from vlmprobe.probes.ridge import LinearMap, fit_ridge_stream
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,11 @@ def score_split(
     return np.asarray(sums), np.asarray(denoms), detections
 
 
+RIDGE_ROWS = 65536  # tokens per chunk of the normal equations (a chunk is whole images)
+
+
 def run_bbox_probe(
-    features: dict[str, np.ndarray],
+    features: dict[str, Tokens | np.ndarray],
     targets: dict[str, np.ndarray],
     splits: dict[str, Split],
     geometry: TokenGeometry,
@@ -111,14 +115,19 @@ def run_bbox_probe(
 ) -> dict:
     """Fit on train, choose the penalty and threshold on val, report on test.
 
-    features[split]: (N, T, D) tokens; targets[split]: (N, T, C) coverage from the masks.
+    features[split]: (N, T, D) tokens, read a chunk of images at a time; targets[split]:
+    (N, T, C) coverage from the masks.
     Non-finite predicted coverage is an error of this probe: such a penalty is never chosen,
     and if every penalty or the test prediction is non-finite the metrics are only
     `bbox_invalid` (the reason). Decoding would hide it (NaN > threshold is False).
     """
-    train_x = features["train"].reshape(-1, features["train"].shape[-1])
-    train_y = targets["train"].reshape(-1, targets["train"].shape[-1])
-    fits = fit_ridge_path(train_x, train_y, settings.alphas)
+    features = {name: as_tokens(f) for name, f in features.items()}
+    train, train_y = features["train"], targets["train"]
+    per_chunk = max(1, RIDGE_ROWS // train.shape[1])
+    fits = fit_ridge_stream(
+        lambda: ((x.reshape(-1, x.shape[-1]), train_y[index].reshape(-1, train_y.shape[-1]))
+                 for index, x in chunks(train, per_chunk)),
+        settings.alphas)
 
     best: tuple[float, float, float] | None = None  # (val score, alpha, threshold)
     failed = ""  # why the last penalty that could not be scored was not
@@ -162,6 +171,8 @@ def run_bbox_probe(
     }
 
 
-def _predict(linear: LinearMap, tokens: np.ndarray) -> np.ndarray:
-    n, t, d = tokens.shape
-    return linear(tokens.reshape(-1, d)).reshape(n, t, -1)
+def _predict(linear: LinearMap, tokens: Tokens) -> np.ndarray:
+    """(N, T, C) predicted coverage, a chunk of images at a time."""
+    _, t, d = tokens.shape
+    return np.concatenate([linear(x.reshape(-1, d)).reshape(len(x), t, -1)
+                           for _, x in chunks(tokens, max(1, RIDGE_ROWS // t))])

@@ -25,6 +25,7 @@ from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal
 
 from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.extract.tokens import Tokens
 from vlmprobe.probes.detection import (
     Detections,
     NonFiniteDetections,
@@ -40,6 +41,7 @@ from vlmprobe.probes.detection import (
     split_targets,
 )
 from vlmprobe.probes.training import (
+    DeviceTokens,
     Evaluation,
     FitSettings,
     Standardizer,
@@ -47,8 +49,7 @@ from vlmprobe.probes.training import (
     fit,
     from_grids,
     mirror_permutation,
-    mirrored_batch,
-    on_device,
+    mirrored,
     to_grids,
 )
 
@@ -160,16 +161,14 @@ def dense_loss(outputs, truth) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: DenseHead, tokens: torch.Tensor, geometry: TokenGeometry, frame: TokenFrame,
+def predict(model: DenseHead, tokens: DeviceTokens, geometry: TokenGeometry, frame: TokenFrame,
             ids: list[int], batch_size: int = 64) -> list[Detections]:
     model.eval()
-    device = next(model.parameters()).device
     h, w = geometry.image_size
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     out = []
-    for s in range(0, len(tokens), batch_size):
-        logits, centre_logit, ltrb = (
-            o.float().cpu() for o in model(tokens[s : s + batch_size].to(device), geometry))
+    for batch in tokens.in_order(batch_size):
+        logits, centre_logit, ltrb = (o.float().cpu() for o in model(batch, geometry))
         scores = torch.sqrt(logits.sigmoid() * centre_logit.sigmoid()[..., None])
         boxes = frame.decode(ltrb) * scale
         # Checked before the score floor: NaN > floor is False, so NaN scores would vanish
@@ -203,16 +202,17 @@ class DenseDetector:
     val_map50: float
     selected_step: int
 
-    def detect(self, features: np.ndarray) -> list[Detections]:
+    def detect(self, features: Tokens | np.ndarray) -> list[Detections]:
         """Detections (pixel boxes) on (N, T, D) tokens."""
         fit_settings = self.settings.fit
         with deterministic_torch(fit_settings.seed, fit_settings.threads, fit_settings.device):
-            return predict(self.model, self.standardize(features), self.geometry,
-                           TokenFrame.of(self.geometry), self.ids)
+            return predict(self.model, DeviceTokens(features, self.standardize,
+                                                    fit_settings.device),
+                           self.geometry, TokenFrame.of(self.geometry), self.ids)
 
 
 def train_dense_head(
-    features: dict[str, np.ndarray],
+    features: dict[str, Tokens | np.ndarray],
     splits: dict[str, Split],
     geometry: TokenGeometry,
     settings: DenseSettings,
@@ -221,9 +221,9 @@ def train_dense_head(
     """Train on the train split, keep the checkpoint with the best val mAP@0.5 among those
     whose detections are finite; raise NonFiniteDetections if there is none."""
     ids = class_ids(splits["train"])
-    standardize = Standardizer(features["train"])
-    x = {name: standardize(features[name]) for name in ("train", "val")}
     device = settings.fit.device
+    standardize = Standardizer(features["train"])
+    x = {name: DeviceTokens(features[name], standardize, device) for name in ("train", "val")}
     frame = TokenFrame.of(geometry)
     targets = split_targets(splits["train"])
     truth = [token_targets(t, frame, len(ids)) for t in targets]
@@ -231,11 +231,10 @@ def train_dense_head(
     truth_flipped = (truth if mirror is None else
                      [token_targets(mirror_targets(t), frame, len(ids)) for t in targets])
     frame_on_device = frame.to(device)
-    train = on_device(x["train"], device)
     mirror_index = None if mirror is None else torch.as_tensor(mirror, device=device)
 
     def step_loss(model, index, generator, step):
-        tokens, flips = mirrored_batch(train, index, generator, mirror_index, device)
+        tokens, flips = mirrored(x["train"].batch(index), generator, mirror_index)
         batch_truth = [truth_flipped[i] if f else truth[i]
                        for i, f in zip(index.tolist(), flips, strict=True)]
         stacked = [torch.stack(parts).to(device) for parts in zip(*batch_truth, strict=True)]
@@ -260,7 +259,7 @@ def train_dense_head(
 
 
 def run_dense_probe(
-    features: dict[str, np.ndarray],
+    features: dict[str, Tokens | np.ndarray],
     splits: dict[str, Split],
     geometry: TokenGeometry,
     settings: DenseSettings,
@@ -276,7 +275,7 @@ def run_dense_probe(
             splits["test"], test_found, "dense_", settings.bootstrap, settings.fit.seed
         )
     except NonFiniteDetections as e:
-        return invalid_result("dense", str(e)), no_detections(len(features["test"]))
+        return invalid_result("dense", str(e)), no_detections(features["test"].shape[0])
     metrics["dense_val_map50"] = detector.val_map50
     metrics["dense_selected_step"] = detector.selected_step
     return metrics, test_found

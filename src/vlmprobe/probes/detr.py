@@ -29,6 +29,7 @@ from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
 
 from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.extract.tokens import Tokens
 from vlmprobe.probes.detection import (
     Detections,
     NonFiniteDetections,
@@ -44,6 +45,7 @@ from vlmprobe.probes.detection import (
     split_targets,
 )
 from vlmprobe.probes.training import (
+    DeviceTokens,
     Diverged,
     Evaluation,
     FitSettings,
@@ -51,8 +53,7 @@ from vlmprobe.probes.training import (
     deterministic_torch,
     fit,
     mirror_permutation,
-    mirrored_batch,
-    on_device,
+    mirrored,
     token_centres,
 )
 
@@ -232,17 +233,15 @@ def set_loss(logits: torch.Tensor, boxes: torch.Tensor, targets: list[Targets]) 
 
 
 @torch.no_grad()
-def predict(model: DetrProbe, tokens: torch.Tensor, token_pos: torch.Tensor,
+def predict(model: DetrProbe, tokens: DeviceTokens, token_pos: torch.Tensor,
             image_size: tuple[int, int], ids: list[int], batch_size: int = 64) -> list[Detections]:
     """Every (query, class) pair is a detection scored by its class probability."""
     model.eval()
-    device = next(model.parameters()).device
     h, w = image_size
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     out = []
-    for s in range(0, len(tokens), batch_size):
-        logits, boxes = (o.float().cpu()
-                         for o in model(tokens[s : s + batch_size].to(device), token_pos)[-1])
+    for batch in tokens.in_order(batch_size):
+        logits, boxes = (o.float().cpu() for o in model(batch, token_pos)[-1])
         probs = logits.sigmoid()
         xyxy = (cxcywh_to_xyxy(boxes) * scale).clamp(min=0)
         for p, b in zip(probs, xyxy, strict=True):
@@ -257,7 +256,7 @@ def predict(model: DetrProbe, tokens: torch.Tensor, token_pos: torch.Tensor,
 
 
 def run_detr_probe(
-    features: dict[str, np.ndarray],
+    features: dict[str, Tokens | np.ndarray],
     splits: dict[str, Split],
     geometry: TokenGeometry,
     settings: DetrSettings,
@@ -271,19 +270,17 @@ def run_detr_probe(
     (the reason) and the detections empty.
     """
     ids = class_ids(splits["train"])
+    device = settings.fit.device
     standardize = Standardizer(features["train"])
-    x = {name: standardize(f) for name, f in features.items()}
+    x = {name: DeviceTokens(f, standardize, device) for name, f in features.items()}
     targets = split_targets(splits["train"])
     mirror = mirror_permutation(geometry) if settings.flip else None
-    device = settings.fit.device
     token_pos = sine_encoding(torch.from_numpy(token_centres(geometry)).float(), settings.width)
     token_pos_on_device = token_pos.to(device)
-
-    train = on_device(x["train"], device)
     mirror_index = None if mirror is None else torch.as_tensor(mirror, device=device)
 
     def step_loss(model, index, generator, step):
-        tokens, flips = mirrored_batch(train, index, generator, mirror_index, device)
+        tokens, flips = mirrored(x["train"].batch(index), generator, mirror_index)
         batch_targets = [mirror_targets(targets[i]) if f else targets[i]
                          for i, f in zip(index.tolist(), flips, strict=True)]
         batch_targets = [t.to(device) for t in batch_targets]

@@ -29,9 +29,11 @@ from torch import nn
 
 from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.extract.tokens import Tokens
 from vlmprobe.metrics.boxes import bootstrap_ci, ratio_of_sums
 from vlmprobe.metrics.image import Lpips, edge_f1, spatial_iou, ssim
 from vlmprobe.probes.training import (
+    DeviceTokens,
     Evaluation,
     FitSettings,
     Standardizer,
@@ -87,12 +89,10 @@ class Decoder(nn.Module):
 
 
 @torch.no_grad()
-def reconstruct(model: Decoder, tokens: torch.Tensor, geometry: TokenGeometry,
+def reconstruct(model: Decoder, tokens: DeviceTokens, geometry: TokenGeometry,
                 batch_size: int = 32) -> np.ndarray:
     model.eval()
-    device = next(model.parameters()).device
-    out = [to_uint8(model(tokens[s : s + batch_size].to(device), geometry))
-           for s in range(0, len(tokens), batch_size)]
+    out = [to_uint8(model(batch, geometry)) for batch in tokens.in_order(batch_size)]
     model.train()
     return np.concatenate(out)
 
@@ -128,7 +128,7 @@ def image_scores(
 
 
 def run_reconstruction_probe(
-    features: dict[str, np.ndarray],
+    features: dict[str, Tokens | np.ndarray],
     splits: dict[str, Split],
     geometry: TokenGeometry,
     lpips: Lpips,
@@ -139,15 +139,15 @@ def run_reconstruction_probe(
 
     Returns the metrics and the test reconstructions (N, H, W, 3) uint8 (for figures).
     """
-    standardize = Standardizer(features["train"])
-    x = {name: standardize(f) for name, f in features.items()}
     device = settings.fit.device
-    train = on_device(x["train"], device)
-    train_images = on_device(to_unit(splits["train"].images), device)
+    standardize = Standardizer(features["train"])
+    x = {name: DeviceTokens(f, standardize, device) for name, f in features.items()}
+    # uint8, converted a batch at a time: a float copy of the images would be 4x their size
+    train_images = on_device(torch.from_numpy(splits["train"].images), device)
 
     def step_loss(model, index, generator, step):
-        return F.l1_loss(model(train[index].to(device), geometry),
-                         train_images[index].to(device))
+        return F.l1_loss(model(x["train"].batch(index), geometry),
+                         to_unit(train_images[index.to(train_images.device)]).to(device))
 
     def evaluate(model, step, train_loss):
         val = reconstruct(model, x["val"], geometry).astype(np.float64) / 255.0

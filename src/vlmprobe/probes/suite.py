@@ -13,6 +13,7 @@ import torch
 
 from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.extract.tokens import Tokens
 from vlmprobe.metrics.image import Lpips
 from vlmprobe.probes.coverage import ProbeSettings, run_bbox_probe
 from vlmprobe.probes.dense import DenseSettings, run_dense_probe
@@ -69,7 +70,7 @@ class Suite:
         return result
 
     def run(
-        self, name: str, features: dict[str, np.ndarray], targets: dict[str, np.ndarray],
+        self, name: str, features: dict[str, Tokens], targets: dict[str, np.ndarray],
         geometry: TokenGeometry, probes: set[str], seeds: int = 1,
     ) -> tuple[dict, Artifacts]:
         """Every probe in `probes` on one set of tokens (a point or a control) named `name`.

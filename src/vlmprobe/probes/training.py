@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.extract.tokens import Tokens, as_tokens, chunks
 
 CPU = torch.device("cpu")
 
@@ -65,14 +66,29 @@ def warmup_cosine(step: int, steps: int, warmup: int, floor: float = 0.05) -> fl
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+STATS_ELEMENTS = 1 << 22  # token values per chunk when a split is read through for statistics
+
+
 class Standardizer:
     """Per-dimension standardisation with train-split statistics (so a token keeps its relative
-    scale; per-token normalisation would blow background noise up to the size of a signal)."""
+    scale; per-token normalisation would blow background noise up to the size of a signal).
+    The statistics are accumulated in float64 over chunks of images (two passes: the mean,
+    then the squared deviations from it), so the split is never held whole."""
 
-    def __init__(self, train: np.ndarray):
-        flat = train.reshape(-1, train.shape[-1]).astype(np.float64)
-        self.mean = flat.mean(axis=0).astype(np.float32)
-        self.std = np.maximum(flat.std(axis=0), 1e-6).astype(np.float32)
+    def __init__(self, train: Tokens | np.ndarray):
+        tokens = as_tokens(train)
+        _, t, d = tokens.shape
+        per_chunk = max(1, STATS_ELEMENTS // (t * d))
+        total, rows = np.zeros(d), 0
+        for _, x in chunks(tokens, per_chunk):
+            total += x.reshape(-1, d).sum(axis=0, dtype=np.float64)
+            rows += len(x) * t
+        mean = total / rows
+        squares = np.zeros(d)
+        for _, x in chunks(tokens, per_chunk):
+            squares += ((x.reshape(-1, d) - mean) ** 2).sum(axis=0)
+        self.mean = mean.astype(np.float32)
+        self.std = np.maximum(np.sqrt(squares / rows), 1e-6).astype(np.float32)
 
     def __call__(self, tokens: np.ndarray) -> torch.Tensor:
         return torch.from_numpy((tokens - self.mean) / self.std)
@@ -98,17 +114,16 @@ def mirror_permutation(geometry: TokenGeometry) -> np.ndarray | None:
     return partner
 
 
-def mirrored_batch(tokens: torch.Tensor, index: torch.Tensor, generator: torch.Generator,
-                   mirror: torch.Tensor | None, device: torch.device
-                   ) -> tuple[torch.Tensor, list[bool]]:
-    """Batch `index` of (N, T, D) tokens on `device`, each image's grid mirrored with
-    probability 1/2 (drawn from `generator`) when `mirror` (see `mirror_permutation`) is given;
+def mirrored(batch: torch.Tensor, generator: torch.Generator, mirror: torch.Tensor | None
+             ) -> tuple[torch.Tensor, list[bool]]:
+    """`batch` (B, T, D) with each image's grid mirrored with probability 1/2 (drawn from
+    `generator`) when `mirror` (see `mirror_permutation`, on the batch's device) is given;
     returns the batch and which images were mirrored."""
-    batch = tokens[index].to(device)
     if mirror is None:
-        return batch, [False] * len(index)
-    flip = torch.rand(len(index), generator=generator) < 0.5
-    return torch.where(flip[:, None, None].to(device), batch[:, mirror], batch), flip.tolist()
+        return batch, [False] * len(batch)
+    flip = torch.rand(len(batch), generator=generator) < 0.5
+    return (torch.where(flip[:, None, None].to(batch.device), batch[:, mirror], batch),
+            flip.tolist())
 
 
 def to_grids(tokens: torch.Tensor, geometry: TokenGeometry) -> list[torch.Tensor]:
@@ -129,19 +144,53 @@ def from_grids(maps: list[torch.Tensor]) -> torch.Tensor:
 DEVICE_SHARE = 0.25  # of the card's free memory that a component's training inputs may take
 
 
+def fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether `nbytes` of inputs may be held on `device` (a CUDA card: within DEVICE_SHARE of
+    its free memory), so batches are gathered and augmented there, not by the probe's one
+    fixed CPU thread."""
+    return device.type == "cuda" and nbytes < DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+
+
 def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`x` on `device` when it fits in DEVICE_SHARE of the free memory there, else left on the
-    host (each batch is then copied over): batches gathered and augmented on the GPU, not by
-    the probe's one fixed CPU thread."""
-    if device.type != "cuda":
-        return x
-    free, _ = torch.cuda.mem_get_info(device)
-    return x.to(device) if x.element_size() * x.nelement() < DEVICE_SHARE * free else x
+    """`x` on `device` when it `fits_on` it, else left on the host (each batch is then copied
+    over)."""
+    return x.to(device) if fits_on(device, x.element_size() * x.nelement()) else x
 
 
-def to_unit(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+class DeviceTokens:
+    """A split's standardised tokens in batches on `device`: held there whole when they
+    `fits_on` it, else read from `tokens` a batch at a time (so host memory holds one batch,
+    whatever the split's size)."""
+
+    def __init__(self, tokens: Tokens | np.ndarray, standardize: Standardizer,
+                 device: torch.device):
+        self.tokens, self.standardize, self.device = as_tokens(tokens), standardize, device
+        self.shape = self.tokens.shape
+        n, t, d = self.shape
+        self.resident: torch.Tensor | None = None
+        if fits_on(device, 4 * n * t * d):
+            self.resident = torch.empty(self.shape, device=device)
+            for index, x in chunks(self.tokens, max(1, STATS_ELEMENTS // (t * d))):
+                self.resident[torch.from_numpy(index)] = standardize(x).to(device)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        """Images `index` (a CPU index tensor), on the device."""
+        if self.resident is not None:
+            return self.resident[index.to(self.device)]
+        return self.standardize(self.tokens.rows(index.numpy())).to(self.device)
+
+    def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Every image in order, `batch_size` at a time, on the device."""
+        for start in range(0, len(self), batch_size):
+            yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
+
+
+def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1] (on the tensor's device)."""
+    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

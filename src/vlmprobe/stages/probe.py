@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vlmprobe.data.dataset import SPLITS, Split, load_split
@@ -33,7 +32,7 @@ from vlmprobe.params import (
     require_float_list,
     require_int,
 )
-from vlmprobe.probes.controls import oracle_tokens, pixel_tokens, shuffled_tokens
+from vlmprobe.probes.controls import OracleTokens, PixelTokens, ShuffledTokens
 from vlmprobe.probes.coverage import ProbeSettings, coverage_targets
 from vlmprobe.probes.dense import DenseSettings
 from vlmprobe.probes.detr import DetrSettings
@@ -169,7 +168,7 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
 
 
 
-def per_split(fn, splits: dict[str, Split]) -> dict[str, np.ndarray]:
+def per_split(fn, splits: dict[str, Split]) -> dict:
     return {name: fn(i, split) for i, (name, split) in enumerate(splits.items())}
 
 
@@ -221,24 +220,22 @@ def main(argv: list[str] | None = None) -> None:
             if point_geometry == geometry
             else per_split(lambda _, s, g=point_geometry: coverage_targets(s, g), splits)
         )
-        features = {name: store.load(point, s.image_ids) for name, s in splits.items()}
+        features = {name: store.tokens(point, s.image_ids) for name, s in splits.items()}
         probes = {"bbox"} | {p for p in TRAINED if point in config["points"][p]}
         points[point], point_artifacts[point] = suite.run(
             point, features, point_targets, point_geometry, probes,
             seeds=config["seeds"] if point == reference else 1)
 
-    oracle = per_split(
-        lambda i, _: oracle_tokens(
-            targets[SPLITS[i]], config["oracle_dim"], config["oracle_noise"], seed, i),
-        splits,
-    )
+    # Built lazily: each is read a batch of images at a time, like a point's features.
+    oracle = per_split(lambda i, _: OracleTokens(
+        targets[SPLITS[i]], config["oracle_dim"], config["oracle_noise"], seed, i), splits)
     control_features = {
         "oracle": lambda: oracle,
-        "oracle_shuffled": lambda: {n: shuffled_tokens(f, seed, i)
+        "oracle_shuffled": lambda: {n: ShuffledTokens(f, seed, i)
                                     for i, (n, f) in enumerate(oracle.items())},
         "shuffled": lambda: per_split(
-            lambda i, s: shuffled_tokens(store.load(reference, s.image_ids), seed, i), splits),
-        "pixels": lambda: per_split(lambda _, s: pixel_tokens(s.images, geometry), splits),
+            lambda i, s: ShuffledTokens(store.tokens(reference, s.image_ids), seed, i), splits),
+        "pixels": lambda: per_split(lambda _, s: PixelTokens(s.images, geometry), splits),
     }
     controls, control_artifacts = {}, {}
     for name, make in control_features.items():

@@ -1,0 +1,100 @@
+"""Tokens read a batch of images at a time: the feature store's reader against the safetensors
+library, the lazy controls against their whole-array forms, and the statistics accumulated over
+chunks against numpy's on the whole array."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlmprobe.errors import CorruptInput
+from vlmprobe.extract.store import FeatureStore, shard_path, write_manifest, write_shard
+from vlmprobe.extract.tokens import ArrayTokens, every_row
+from vlmprobe.probes.controls import OracleTokens, ShuffledTokens, oracle_tokens, shuffled_tokens
+from vlmprobe.probes.ridge import fit_ridge_path, fit_ridge_stream
+from vlmprobe.probes.training import DeviceTokens, Standardizer
+
+
+def make_store(root, n=10, shard_size=4, t=6, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    features = torch.from_numpy(rng.standard_normal((n, t, d)).astype(np.float32))
+    ids = [100 + 7 * i for i in range(n)]  # not 0..n-1: rows are found by id
+    names = []
+    for k, start in enumerate(range(0, n, shard_size)):
+        rows = slice(start, start + shard_size)
+        write_shard(root, "p", k, features[rows], ids[rows])
+        names.append(shard_path(root, "p", k).name)
+    write_manifest(root, {"image_ids": ids, "points": {"p": {"shards": names}}})
+    return FeatureStore.open(root), ids
+
+
+def test_stored_rows_are_the_shards_bytes_in_any_order(tmp_path):
+    store, ids = make_store(tmp_path)
+    reference = torch.cat([load_file(str(shard_path(tmp_path, "p", k)))["features"]
+                           for k in range(3)]).float().numpy()
+    wanted = [ids[9], ids[2], ids[3], ids[4], ids[0]]  # across shards, one run of three
+    tokens = store.tokens("p", wanted)
+    assert tokens.shape == (5, 6, 5)
+    np.testing.assert_array_equal(tokens.rows(np.arange(5)), reference[[9, 2, 3, 4, 0]])
+    np.testing.assert_array_equal(tokens.rows(np.array([4, 1])), reference[[0, 2]])
+    np.testing.assert_array_equal(store.load("p"), reference)
+
+
+def test_unknown_image_and_truncated_shard_are_named(tmp_path):
+    store, ids = make_store(tmp_path)
+    with pytest.raises(KeyError, match="not in the feature store"):
+        store.tokens("p", [ids[0], 5])
+    path = shard_path(tmp_path, "p", 2)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CorruptInput, match=r"shard-00002.*Fix: delete the feature store"):
+        store.tokens("p")
+    path.write_bytes(b"\xff" * 16)
+    with pytest.raises(CorruptInput, match="header"):
+        store.tokens("p")
+
+
+def test_lazy_controls_do_not_depend_on_which_images_are_read_together():
+    rng = np.random.default_rng(1)
+    coverage = rng.random((9, 12, 3)).astype(np.float32)
+    oracle = OracleTokens(coverage, 16, 0.1, seed=3, stream=1)
+    whole = oracle_tokens(coverage, 16, 0.1, seed=3, stream=1)
+    np.testing.assert_array_equal(oracle.rows(np.array([7, 2])), whole[[7, 2]])
+    shuffled = ShuffledTokens(oracle, seed=3, stream=1)
+    some = shuffled.rows(np.array([5, 0]))
+    np.testing.assert_array_equal(some, every_row(shuffled)[[5, 0]])
+    for row, image in zip(some, (5, 0), strict=True):  # a permutation of that image's tokens
+        assert not np.array_equal(row, whole[image])
+        np.testing.assert_array_equal(np.sort(row, axis=0), np.sort(whole[image], axis=0))
+    # The permutation is not drawn from the oracle noise's bits.
+    assert not np.array_equal(shuffled_tokens(whole, 3, 1), whole)
+    other = shuffled_tokens(oracle_tokens(coverage, 16, 0.1, seed=3, stream=2), 3, 2)
+    assert not np.array_equal(other, shuffled_tokens(whole, 3, 1))
+
+
+def test_statistics_over_chunks_match_the_whole_array(monkeypatch):
+    import vlmprobe.probes.training as training
+
+    monkeypatch.setattr(training, "STATS_ELEMENTS", 60)  # several chunks of images
+    x = (np.random.default_rng(2).standard_normal((11, 6, 5)) * 3 + 1).astype(np.float32)
+    standardize = Standardizer(ArrayTokens(x))
+    flat = x.reshape(-1, 5).astype(np.float64)
+    np.testing.assert_allclose(standardize.mean, flat.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(standardize.std, flat.std(axis=0), rtol=1e-6)
+    device_tokens = DeviceTokens(x, standardize, torch.device("cpu"))
+    assert device_tokens.resident is None  # on the CPU: read a batch at a time
+    batch = device_tokens.batch(torch.tensor([3, 8]))
+    np.testing.assert_array_equal(batch.numpy(), standardize(x[[3, 8]]).numpy())
+
+
+def test_ridge_over_chunks_matches_one_pass():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((500, 7))
+    y = x @ rng.standard_normal((7, 3)) + 0.1 * rng.standard_normal((500, 3))
+    whole = fit_ridge_path(x, y, [0.01, 1.0], chunk=10_000)
+    pieces = fit_ridge_stream(lambda: ((x[s : s + 37], y[s : s + 37]) for s in range(0, 500, 37)),
+                              [0.01, 1.0])
+    for alpha in (0.01, 1.0):
+        np.testing.assert_allclose(pieces[alpha].weight, whole[alpha].weight, rtol=1e-10)
+        np.testing.assert_allclose(pieces[alpha].bias, whole[alpha].bias, atol=1e-12)
