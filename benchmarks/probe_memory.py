@@ -1,12 +1,14 @@
 """Peak resident memory of the probe stage against the number of images, at a fixed width.
 
-For each N: synthetic shapes (70/10/20 train/val/test), a one-point feature store of random
-float16 tokens (a 16x16 grid of `--dim` dims, like DINOv2-S/14 at 224 px), random LPIPS
+For each N: synthetic shapes (70/10/20 train/val/test), a one-point feature store of float16
+tokens on a 16x16 grid of `--dim` dims, like DINOv2-S/14 at 224 px (each token its patch's
+pixels through a fixed random map, plus noise: tokens that locate the shapes, so the probes
+find as many objects as on real features, not the flood of noise boxes), random LPIPS
 weights, and the project's params with the trained probes cut to a few steps and one ridge
-penalty and threshold (what is held does not depend on them); then dvc.yaml's probe command in a child process, whose peak RSS
-(`ru_maxrss` from wait4) is printed beside what the split's images and masks take, which the
-stage holds whole. `--src` runs another checkout's code (e.g. the previous commit's) on the
-same inputs.
+penalty and threshold (what is held does not depend on them); then dvc.yaml's probe command
+in a child process, whose peak RSS (`ru_maxrss` from wait4) is printed beside the sizes of the
+feature store and of the split's decoded images and masks. `--src` runs another checkout's
+code (e.g. the previous commit's) on the same inputs.
 
     python benchmarks/probe_memory.py --sizes 500 4000 --workdir /tmp/probe-memory
 """
@@ -30,6 +32,7 @@ from vlmprobe.data.dataset import SPLITS, load_split
 from vlmprobe.data.shapes import generate_shapes
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.extract.store import write_manifest, write_shard
+from vlmprobe.probes.controls import pixel_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID, PATCH = 16, 14
@@ -37,25 +40,27 @@ SHARD = 100
 
 
 def build_inputs(root: Path, n: int, dim: int) -> int:
-    """Shapes, store and LPIPS weights for `n` images under `root`; the split's image and mask
-    bytes."""
+    """Shapes, store and LPIPS weights for `n` images under `root`; the bytes of the splits'
+    images and masks, decoded."""
     size = GRID * PATCH
     generate_shapes(root / "data/images", seed=0, image_size=size, n_train=n * 7 // 10,
                     n_val=n // 10, n_test=n - n * 7 // 10 - n // 10, min_objects=1,
                     max_objects=4, min_size=20, max_size=90)
-    held, ids = 0, []
+    geometry = TokenGeometry.single_grid((size, size), GRID, GRID)
+    rng = np.random.default_rng(0)
+    projection = rng.standard_normal((3 * PATCH**2, dim)) / PATCH
+    held, ids, names = 0, [], []
     for name in SPLITS:
         split = load_split(root / "data/images", name)
-        held += split.images.nbytes + sum(m.nbytes for m in split.masks)
+        held += np.asarray(split.images).nbytes + sum(m.nbytes for m in split.masks)
         ids += split.image_ids
-    rng = np.random.default_rng(0)
-    names = []
-    for k, start in enumerate(range(0, len(ids), SHARD)):
-        rows = ids[start : start + SHARD]
-        tokens = rng.standard_normal((len(rows), GRID * GRID, dim), dtype=np.float32)
-        write_shard(root / "data/features", "final", k, torch.from_numpy(tokens), rows)
-        names.append(f"shard-{k:05d}.safetensors")
-    geometry = TokenGeometry.single_grid((size, size), GRID, GRID)
+        for start in range(0, len(split.image_ids), SHARD):
+            pixels = pixel_tokens(split.images[start : start + SHARD], geometry, PATCH)
+            tokens = pixels @ projection + 0.1 * rng.standard_normal((*pixels.shape[:2], dim))
+            write_shard(root / "data/features", "final", len(names),
+                        torch.from_numpy(tokens.astype(np.float32)),
+                        split.image_ids[start : start + SHARD])
+            names.append(f"shard-{len(names):05d}.safetensors")
     write_manifest(root / "data/features", {
         "vlm": "synthetic", "display_name": "synthetic", "weights": {"source": "random"},
         "image_ids": ids,
@@ -104,7 +109,7 @@ def main() -> None:
         store = sum(p.stat().st_size for p in (root / "data/features").rglob("*.safetensors"))
         rss, seconds = peak_rss(root, args.src)
         print(f"N={n}: peak RSS {rss / mib:.0f} MiB; feature store {store / mib:.0f} MiB on "
-              f"disk; split images + masks {held / mib:.0f} MiB; {seconds:.0f} s", flush=True)
+              f"disk; images + masks {held / mib:.0f} MiB decoded; {seconds:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from test_models_vlm import CPU, loaded
 from vlmprobe.models.base import WeightsUnavailable, code_revision
 from vlmprobe.models.registry import RegistryError, adapter_for, get_entry, select_points
 from vlmprobe.models.vlm import PACKAGE_DIR
+from vlmprobe.params import ParamsError
 
 ROOT = Path.cwd()
 
@@ -44,7 +45,7 @@ def test_changed_remote_code_is_refused(tmp_path):
 
 
 def test_unknown_point_is_rejected_listing_the_valid_ones():
-    with pytest.raises(RegistryError, match="valid points: I1, I2, I3, I4, I5"):
+    with pytest.raises(ParamsError, match="valid choices: I1, I2, I3, I4, I5"):
         select_points(get_entry("internvl2_tiny"), ["I9"])
 
 

@@ -102,8 +102,8 @@ HOSTILE = [
     ("unknown speed baseline", {"select.speed_baseline": "qwen9"},
      "Fix: `dvc exp run -S select.speed_baseline=<one of those>`"),
     ("no extraction points", {"extract.points": []},
-     "extract.points = [] must be 'all' or a non-empty list of point ids of model "
-     "'dinov2_small': layer3, layer6, layer9, layer12, final"),
+     "extract.points = [] is invalid; expected `all`, `deepest` or a non-empty list of: "
+     "layer3, layer6, layer9, layer12, final"),
     ("batch size neither a number nor auto", {"extract.batch_size": "max"},
      "extract.batch_size = 'max' is invalid; expected `auto` (the largest batch that fits on "
      "the GPU; 16 on CPU) or an integer in [1, 4096]. Fix: `dvc exp run -S "

@@ -6,6 +6,7 @@ import pytest
 
 from vlmprobe.models import registry
 from vlmprobe.models.registry import RegistryError, adapter_for, entries, get_entry, select_points
+from vlmprobe.params import ParamsError
 
 
 def test_every_entry_parses_and_its_family_adapter_imports():
@@ -26,7 +27,8 @@ def test_points_resolve_in_depth_order_and_unknown_points_are_named():
     entry = get_entry("dinov2_small")
     assert select_points(entry, "all") == list(entry.points)
     assert select_points(entry, ["final", "layer3"]) == ["layer3", "final"]
-    with pytest.raises(RegistryError, match=r"\['layer99'\].*valid points: layer3"):
+    assert select_points(entry, "deepest") == ["final"]
+    with pytest.raises(ParamsError, match=r"extract.points names 'layer99'; valid choices: layer3"):
         select_points(entry, ["layer99"])
 
 

@@ -1,20 +1,23 @@
-"""Tokens read a batch of images at a time: the feature store's reader against the safetensors
-library, the lazy controls against their whole-array forms, and the statistics accumulated over
-chunks against numpy's on the whole array."""
+"""Inputs read a batch of images at a time: the feature store's reader against the safetensors
+library, the lazy controls against their whole-array forms, the statistics accumulated over
+chunks against numpy's on the whole array, and a split's images and masks decoded on demand."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+from vlmprobe.data.dataset import load_all_images
+from vlmprobe.data.shapes import generate_shapes
 from vlmprobe.errors import CorruptInput
 from vlmprobe.extract.store import FeatureStore, shard_path, write_manifest, write_shard
 from vlmprobe.extract.tokens import ArrayTokens, every_row
 from vlmprobe.probes.controls import OracleTokens, ShuffledTokens, oracle_tokens, shuffled_tokens
 from vlmprobe.probes.ridge import fit_ridge_path, fit_ridge_stream
-from vlmprobe.probes.training import DeviceTokens, Standardizer
+from vlmprobe.probes.training import Standardizer, device_tokens
 
 
 def make_store(root, n=10, shard_size=4, t=6, d=5, seed=0):
@@ -82,9 +85,9 @@ def test_statistics_over_chunks_match_the_whole_array(monkeypatch):
     flat = x.reshape(-1, 5).astype(np.float64)
     np.testing.assert_allclose(standardize.mean, flat.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(standardize.std, flat.std(axis=0), rtol=1e-6)
-    device_tokens = DeviceTokens(x, standardize, torch.device("cpu"))
-    assert device_tokens.resident is None  # on the CPU: read a batch at a time
-    batch = device_tokens.batch(torch.tensor([3, 8]))
+    batches = device_tokens(x, standardize, torch.device("cpu"))
+    assert batches.resident is None  # on the CPU: read a batch at a time
+    batch = batches.batch(torch.tensor([3, 8]))
     np.testing.assert_array_equal(batch.numpy(), standardize(x[[3, 8]]).numpy())
 
 
@@ -98,3 +101,35 @@ def test_ridge_over_chunks_matches_one_pass():
     for alpha in (0.01, 1.0):
         np.testing.assert_allclose(pieces[alpha].weight, whole[alpha].weight, rtol=1e-10)
         np.testing.assert_allclose(pieces[alpha].bias, whole[alpha].bias, atol=1e-12)
+
+
+def test_split_images_and_masks_decode_on_demand_within_the_cache(tmp_path, monkeypatch):
+    import vlmprobe.data.dataset as dataset
+
+    generate_shapes(tmp_path, seed=0, image_size=32, n_train=9, n_val=2, n_test=2,
+                    min_objects=1, max_objects=3, min_size=6, max_size=12)
+    monkeypatch.setattr(dataset, "IMAGE_CACHE_BYTES", 3 * 32 * 32 * 3)  # three images
+    monkeypatch.setattr(dataset, "DECODED", dataset.DecodedImages())
+    split = dataset.load_split(tmp_path, "train")
+    ids, eager = load_all_images(tmp_path)
+    expected = eager[[ids.index(i) for i in split.image_ids]]
+    images = split.images
+    assert images.shape == expected.shape and len(images) == 9
+    np.testing.assert_array_equal(images[[8, 0, 3]], expected[[8, 0, 3]])
+    np.testing.assert_array_equal(images[2:5], expected[2:5])
+    np.testing.assert_array_equal(images[-1], expected[-1])
+    np.testing.assert_array_equal(np.asarray(images), expected)
+    assert len(dataset.DECODED.images) == 3  # no more than the cache holds, however much read
+    with pytest.raises(ValueError):
+        images[0][0, 0] = 1  # a cached image is shared: read-only
+    masks = split.masks
+    assert len(masks) == 9 and len(masks[3:5]) == 2
+    for image_masks, boxes in zip(masks, split.boxes, strict=True):
+        assert image_masks.shape == (len(boxes), 32, 32) and image_masks.dtype == bool
+        for mask, (x0, y0, x1, y1) in zip(image_masks, boxes, strict=True):  # inside its box
+            rows, cols = np.nonzero(mask)
+            assert x0 <= cols.min() and cols.max() < x1 and y0 <= rows.min() and rows.max() < y1
+
+    Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(images.paths[4])  # another size
+    with pytest.raises(dataset.DatasetError, match="dvc repro --force data"):
+        dataset.load_split(tmp_path, "train").images[4]

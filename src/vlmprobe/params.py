@@ -228,6 +228,37 @@ def require_choice(params: dict[str, Any], key: str, choices: Iterable[str]) -> 
     return value
 
 
+NAME_KEYWORDS = {"all": "`all`", "deepest": "`deepest`", "none": "`none` (run it nowhere)"}
+
+
+def resolve_names(value: Any, key: str, valid: list[str] | None,
+                  keywords: tuple[str, ...] = ("all", "deepest", "none")) -> list[str] | str:
+    """The one resolver of names (points, controls) in params: a non-empty list of names from
+    `valid`, kept in `valid`'s order (points: depth order), or one of `keywords`: `all`,
+    `deepest` (the last of `valid`: the deepest point), `none` (no name, said outright: an
+    empty list is refused as more often a slip than a choice). With `valid` None (not known
+    yet) only the form is checked, and a keyword is returned as is."""
+    if value in keywords and isinstance(value, str):
+        if valid is None:
+            return value
+        return {"all": list(valid), "deepest": list(valid)[-1:], "none": []}[value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        choices = ", ".join(valid) if valid is not None else "names (ids)"
+        words = ", ".join(NAME_KEYWORDS[k] for k in keywords)
+        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid; expected {words} or a "
+                          f"non-empty list of: {choices}. Fix: edit params.yaml.")
+    if valid is None:
+        return value
+    unknown = [v for v in value if v not in valid]
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: {key} names {', '.join(map(repr, unknown))}; valid choices: "
+            f"{', '.join(valid)} (or {', '.join(f'`{k}`' for k in keywords)}). Fix: edit "
+            f"params.yaml or run `dvc exp run -S '{key}=[{valid[-1]}]'`."
+        )
+    return [v for v in valid if v in value]
+
+
 def require_float_list(params: dict[str, Any], key: str, lo: float, hi: float) -> list[float]:
     value = get(params, key)
     if (

@@ -1,4 +1,7 @@
-"""Loading the image dataset the data stage wrote (COCO format, any source) into arrays.
+"""Loading the image dataset the data stage wrote (COCO format, any source).
+
+A split's images and masks are decoded from their files when read (`SplitImages`,
+`SplitMasks`), so a stage that reads a batch at a time holds a batch, not the split.
 
 Crowd regions (iscrowd 1, COCO only) stay in the JSON, where pycocotools treats them as
 regions to ignore, but are not instances: the splits' boxes, labels and masks leave them out.
@@ -6,6 +9,8 @@ regions to ignore, but are not instances: the splits' boxes, labels and masks le
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +18,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from vlmprobe.data.loader import read_images
+from vlmprobe.data.loader import read_images, read_rgb
 from vlmprobe.errors import MissingInput
 from vlmprobe.io import read_json
 
@@ -24,16 +29,108 @@ class DatasetError(MissingInput):
     """A dataset file is missing: the data stage has not been run (or its output was removed)."""
 
 
+IMAGE_CACHE_BYTES = 128 * 2**20  # decoded images kept, all splits together (the default's all)
+
+
+class DecodedImages:
+    """The most recently read decoded images of every split, by file, up to IMAGE_CACHE_BYTES
+    in all: small datasets are decoded once, large ones cost the budget, not their size."""
+
+    def __init__(self):
+        self.images: OrderedDict[Path, np.ndarray] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, path: Path) -> np.ndarray | None:
+        image = self.images.get(path)
+        if image is not None:
+            self.images.move_to_end(path)
+        return image
+
+    def put(self, path: Path, image: np.ndarray) -> np.ndarray:
+        image.flags.writeable = False  # shared by every reader of the cache
+        if path not in self.images:
+            self.images[path] = image
+            self.nbytes += image.nbytes
+        while self.nbytes > IMAGE_CACHE_BYTES and len(self.images) > 1:
+            self.nbytes -= self.images.popitem(last=False)[1].nbytes
+        return image
+
+
+DECODED = DecodedImages()
+
+
+class SplitImages:
+    """A split's images as a read-only (N, H, W, 3) uint8 array whose images are decoded from
+    their files when indexed (an int, a slice, a list or array of indices), iterated or
+    converted (`np.asarray`), and kept in the `DECODED` cache."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, paths: list[Path]):
+        self.paths = list(paths)
+        first = self._read(self.paths[0]) if self.paths else np.zeros((0, 0, 3), np.uint8)
+        self.shape = (len(self.paths), *first.shape)
+
+    @staticmethod
+    def _read(path: Path) -> np.ndarray:
+        cached = DECODED.get(path)
+        return cached if cached is not None else DECODED.put(path, read_rgb(path))
+
+    def image(self, i: int) -> np.ndarray:
+        image = self._read(self.paths[i])
+        if image.shape != self.shape[1:]:
+            raise DatasetError(f"{self.paths[i]} is {image.shape[1]}x{image.shape[0]}, the "
+                               f"split's first image {self.shape[2]}x{self.shape[1]}; run "
+                               "`dvc repro --force data` to write the dataset again.")
+        return image
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, int | np.integer):
+            return self.image(range(len(self))[key])
+        index = np.arange(len(self))[key]
+        if not len(index):
+            return np.empty((0, *self.shape[1:]), dtype=np.uint8)
+        return np.stack([self.image(int(i)) for i in index])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.image(i) for i in range(len(self)))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class SplitMasks(Sequence):
+    """Per image, the (K, H, W) bool masks of its instances, decoded from the split's
+    run-length encodings when read."""
+
+    def __init__(self, encodings: list[list[dict]], height: int, width: int):
+        self.encodings, self.height, self.width = encodings, height, width
+
+    def __len__(self) -> int:
+        return len(self.encodings)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return SplitMasks(self.encodings[key], self.height, self.width)
+        return np.array([mask_utils.decode(e).astype(bool) for e in self.encodings[key]],
+                        dtype=bool).reshape(-1, self.height, self.width)
+
+
 @dataclass(frozen=True)
 class Split:
     name: str
     root: Path
     coco_path: Path
     image_ids: list[int]  # in file order
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: SplitImages | np.ndarray  # (N, H, W, 3) uint8
     boxes: list[np.ndarray]  # per image (K, 4) float xyxy in pixels
     labels: list[np.ndarray]  # per image (K,) int category ids
-    masks: list[np.ndarray]  # per image (K, H, W) bool
+    masks: SplitMasks | list[np.ndarray]  # per image (K, H, W) bool
     categories: list[dict]  # [{id, name}]
 
 
@@ -57,11 +154,11 @@ def _read_coco(root: Path, split: str) -> dict[str, Any]:
     return read_json(path)
 
 
-def _load_images(root: Path, image_entries: list[dict], workers: int = 1) -> np.ndarray:
+def _image_paths(root: Path, image_entries: list[dict]) -> list[Path]:
     paths = [Path(root) / entry["file_name"] for entry in image_entries]
     for path in paths:
         _require_file(path)
-    return read_images(paths, workers)
+    return paths
 
 
 def _xyxy(bbox: list[float]) -> list[float]:
@@ -77,19 +174,14 @@ def load_split(root: Path, split: str) -> Split:
     for annotation in coco["annotations"]:
         if not annotation.get("iscrowd", 0):
             annotations_of[annotation["image_id"]].append(annotation)
-    images = _load_images(root, coco["images"])
+    images = SplitImages(_image_paths(root, coco["images"]))
     height, width = images.shape[1:3]
-    boxes, labels, masks = [], [], []
+    boxes, labels, encodings = [], [], []
     for entry in coco["images"]:
         annotations = annotations_of[entry["id"]]
         boxes.append(np.array([_xyxy(a["bbox"]) for a in annotations], float).reshape(-1, 4))
         labels.append(np.array([a["category_id"] for a in annotations], dtype=np.int64))
-        masks.append(
-            np.array(
-                [mask_utils.decode(a["segmentation"]).astype(bool) for a in annotations],
-                dtype=bool,
-            ).reshape(-1, height, width)
-        )
+        encodings.append([a["segmentation"] for a in annotations])
     return Split(
         name=split,
         root=root,
@@ -98,7 +190,7 @@ def load_split(root: Path, split: str) -> Split:
         images=images,
         boxes=boxes,
         labels=labels,
-        masks=masks,
+        masks=SplitMasks(encodings, height, width),
         categories=[{"id": c["id"], "name": c["name"]} for c in coco["categories"]],
     )
 
@@ -109,4 +201,4 @@ def load_all_images(root: Path, workers: int = 1) -> tuple[list[int], np.ndarray
         (entry for split in SPLITS for entry in _read_coco(root, split)["images"]),
         key=lambda entry: entry["id"],
     )
-    return [entry["id"] for entry in entries], _load_images(root, entries, workers)
+    return [entry["id"] for entry in entries], read_images(_image_paths(root, entries), workers)

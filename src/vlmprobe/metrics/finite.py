@@ -30,6 +30,9 @@ def nonfinite_counts(values: Any) -> tuple[int, int, int]:
             return 0, 0, values.numel()
         n_nan = int(torch.isnan(values).sum())
         return n_nan, int((~finite).sum()) - n_nan, values.numel()
+    dtype = getattr(values, "dtype", None)
+    if isinstance(dtype, np.dtype) and not np.issubdtype(dtype, np.inexact):  # not converted:
+        return 0, 0, int(np.prod(values.shape))  # an image array may decode on conversion
     array = np.asarray(values)
     if not np.issubdtype(array.dtype, np.inexact):
         if array.dtype == object:  # e.g. a ragged list: check each element

@@ -206,11 +206,6 @@ def remote_code_kwargs(entry: RegistryEntry, location: str) -> dict[str, Any]:
     return {"trust_remote_code": True}
 
 
-def safetensors_kwargs(entry: RegistryEntry) -> dict[str, Any]:
-    """Only safetensors weights load (pickled weights can run code) unless the entry opts in."""
-    return {"use_safetensors": not entry.weights.get("allow_pickle_weights", False)}
-
-
 def hub_lacks_revision(error: BaseException) -> bool:
     """Whether a failed load is the hub answering that the revision does not exist (transformers
     wraps huggingface_hub's RevisionNotFoundError in an OSError), not the hub being offline."""

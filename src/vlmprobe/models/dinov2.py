@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmprobe.entries import safetensors_kwargs
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.models.base import (
     ModelAdapter,
     WeightsUnavailable,
     load_pretrained,
     resolve_pretrained,
-    safetensors_kwargs,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

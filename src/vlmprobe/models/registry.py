@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from vlmprobe.errors import VlmprobeError
-from vlmprobe.params import NAME
+from vlmprobe.entries import RegistryError, entry_name
+from vlmprobe.params import resolve_names
 
 if TYPE_CHECKING:
     from vlmprobe.models.base import ModelAdapter
@@ -42,10 +42,6 @@ FAMILIES: dict[str, str] = {
 }
 
 
-class RegistryError(VlmprobeError, ValueError):
-    """An unknown model or point, or a malformed registry entry."""
-
-
 @dataclass(frozen=True)
 class RegistryEntry:
     name: str
@@ -58,15 +54,6 @@ class RegistryEntry:
 
 
 _REQUIRED = ("family", "display_name", "points", "weights")
-
-
-def entry_name(path: Path) -> str:
-    """An entry's name, its file's stem: a plain identifier, as params name entries and the
-    names become parts of output paths (see `vlmprobe.params.NAME`)."""
-    if not NAME.fullmatch(path.stem):
-        raise RegistryError(f"{path}: an entry's file name must be a plain identifier (letters, "
-                            "digits, _). Fix: rename the file.")
-    return path.stem
 
 
 def _parse_entry(path: Path) -> RegistryEntry:
@@ -171,22 +158,9 @@ def get_entry(name: str, key: str = "vlm") -> RegistryEntry:
 
 
 def select_points(entry: RegistryEntry, requested: str | list[str]) -> list[str]:
-    """Resolve `extract.points` ("all" or a list of ids) against the entry, in depth order."""
-    if requested == "all":
-        return list(entry.points)
-    if not isinstance(requested, list) or not requested:
-        raise RegistryError(
-            f"extract.points = {requested!r} must be 'all' or a non-empty list of point ids of "
-            f"model {entry.name!r}: {', '.join(entry.points)}. "
-            f"Fix: `dvc exp run -S extract.points=all`."
-        )
-    unknown = [p for p in requested if p not in entry.points]
-    if unknown:
-        raise RegistryError(
-            f"unknown point(s) {unknown} for model {entry.name!r}; valid points: "
-            f"{', '.join(entry.points)}. Fix: `dvc exp run -S extract.points=all`."
-        )
-    return [p for p in entry.points if p in requested]
+    """Resolve `extract.points` (`all`, `deepest` or a list of ids) against the entry, in
+    depth order."""
+    return resolve_names(requested, "extract.points", list(entry.points), ("all", "deepest"))
 
 
 def adapter_for(entry: RegistryEntry) -> ModelAdapter:

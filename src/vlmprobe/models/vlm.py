@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlmprobe.entries import safetensors_kwargs
 from vlmprobe.models.base import (
     ModelAdapter,
     WeightsUnavailable,
@@ -33,7 +34,6 @@ from vlmprobe.models.base import (
     hub_lacks_revision,
     remote_code_kwargs,
     resolve_pretrained,
-    safetensors_kwargs,
     unknown_revision,
 )
 from vlmprobe.models.published_code import class_with_post_init, mends_of

@@ -41,11 +41,12 @@ from vlmprobe.probes.detection import (
     split_targets,
 )
 from vlmprobe.probes.training import (
-    DeviceTokens,
+    DeviceBatches,
     Evaluation,
     FitSettings,
     Standardizer,
     deterministic_torch,
+    device_tokens,
     fit,
     from_grids,
     mirror_permutation,
@@ -161,7 +162,7 @@ def dense_loss(outputs, truth) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: DenseHead, tokens: DeviceTokens, geometry: TokenGeometry, frame: TokenFrame,
+def predict(model: DenseHead, tokens: DeviceBatches, geometry: TokenGeometry, frame: TokenFrame,
             ids: list[int], batch_size: int = 64) -> list[Detections]:
     model.eval()
     h, w = geometry.image_size
@@ -206,7 +207,7 @@ class DenseDetector:
         """Detections (pixel boxes) on (N, T, D) tokens."""
         fit_settings = self.settings.fit
         with deterministic_torch(fit_settings.seed, fit_settings.threads, fit_settings.device):
-            return predict(self.model, DeviceTokens(features, self.standardize,
+            return predict(self.model, device_tokens(features, self.standardize,
                                                     fit_settings.device),
                            self.geometry, TokenFrame.of(self.geometry), self.ids)
 
@@ -223,7 +224,7 @@ def train_dense_head(
     ids = class_ids(splits["train"])
     device = settings.fit.device
     standardize = Standardizer(features["train"])
-    x = {name: DeviceTokens(features[name], standardize, device) for name in ("train", "val")}
+    x = {name: device_tokens(features[name], standardize, device) for name in ("train", "val")}
     frame = TokenFrame.of(geometry)
     targets = split_targets(splits["train"])
     truth = [token_targets(t, frame, len(ids)) for t in targets]

@@ -45,12 +45,13 @@ from vlmprobe.probes.detection import (
     split_targets,
 )
 from vlmprobe.probes.training import (
-    DeviceTokens,
+    DeviceBatches,
     Diverged,
     Evaluation,
     FitSettings,
     Standardizer,
     deterministic_torch,
+    device_tokens,
     fit,
     mirror_permutation,
     mirrored,
@@ -233,7 +234,7 @@ def set_loss(logits: torch.Tensor, boxes: torch.Tensor, targets: list[Targets]) 
 
 
 @torch.no_grad()
-def predict(model: DetrProbe, tokens: DeviceTokens, token_pos: torch.Tensor,
+def predict(model: DetrProbe, tokens: DeviceBatches, token_pos: torch.Tensor,
             image_size: tuple[int, int], ids: list[int], batch_size: int = 64) -> list[Detections]:
     """Every (query, class) pair is a detection scored by its class probability."""
     model.eval()
@@ -272,7 +273,7 @@ def run_detr_probe(
     ids = class_ids(splits["train"])
     device = settings.fit.device
     standardize = Standardizer(features["train"])
-    x = {name: DeviceTokens(f, standardize, device) for name, f in features.items()}
+    x = {name: device_tokens(f, standardize, device) for name, f in features.items()}
     targets = split_targets(splits["train"])
     mirror = mirror_permutation(geometry) if settings.flip else None
     token_pos = sine_encoding(torch.from_numpy(token_centres(geometry)).float(), settings.width)

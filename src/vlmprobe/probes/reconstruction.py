@@ -19,6 +19,7 @@ Scores on the test split, each with a bootstrap 95% interval over images:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +34,16 @@ from vlmprobe.extract.tokens import Tokens
 from vlmprobe.metrics.boxes import bootstrap_ci, ratio_of_sums
 from vlmprobe.metrics.image import Lpips, edge_f1, spatial_iou, ssim
 from vlmprobe.probes.training import (
-    DeviceTokens,
+    DeviceBatches,
     Evaluation,
     FitSettings,
     Standardizer,
     deterministic_torch,
+    device_images,
+    device_tokens,
     fit,
-    on_device,
     to_grids,
     to_uint8,
-    to_unit,
 )
 
 
@@ -88,36 +89,61 @@ class Decoder(nn.Module):
         return canvas + self.smooth(canvas)
 
 
-@torch.no_grad()
-def reconstruct(model: Decoder, tokens: DeviceTokens, geometry: TokenGeometry,
-                batch_size: int = 32) -> np.ndarray:
+RECONSTRUCT_BATCH = 32  # also the most test reconstructions kept for figures
+
+
+def reconstructions(model: Decoder, tokens: DeviceBatches, geometry: TokenGeometry
+                    ) -> Iterator[np.ndarray]:
+    """(B, H, W, 3) uint8 reconstructions of every image in order, RECONSTRUCT_BATCH at a time."""
     model.eval()
-    out = [to_uint8(model(batch, geometry)) for batch in tokens.in_order(batch_size)]
-    model.train()
-    return np.concatenate(out)
+    try:
+        for batch in tokens.in_order(RECONSTRUCT_BATCH):
+            with torch.no_grad():
+                yield to_uint8(model(batch, geometry))
+    finally:
+        model.train()
+
+
+def mean_abs_difference(chunks: Iterable[np.ndarray], images: np.ndarray) -> float:
+    """Mean |reconstruction - original| in [0, 1] units; `chunks` are consecutive batches of
+    reconstructions of `images` (N, H, W, 3) uint8."""
+    total, count, start = 0.0, 0, 0
+    for r in chunks:
+        o = images[start : start + len(r)]
+        start += len(r)
+        total += float(np.abs(r.astype(np.float64) / 255.0 - o / 255.0).sum())
+        count += r.size
+    return total / count
 
 
 def image_scores(
-    reconstructions: np.ndarray, split: Split, lpips: Lpips, settings: ScoreSettings
+    chunks: Iterable[np.ndarray], split: Split, lpips: Lpips, settings: ScoreSettings
 ) -> dict:
-    """Test-split scores (see the module docstring) with seeded bootstrap intervals."""
-    per_image = {
-        "lpips": lpips(reconstructions, split.images),
-        "ssim": np.array([ssim(r, o) for r, o in zip(reconstructions, split.images, strict=True)]),
-        "edge_f1": np.array([
-            edge_f1(r, o, settings.edge_threshold, settings.edge_tolerance)
-            for r, o in zip(reconstructions, split.images, strict=True)
-        ]),
-    }
+    """Test-split scores (see the module docstring) with seeded bootstrap intervals; `chunks`
+    are consecutive batches of reconstructions of the split's images (or all of them in one)."""
+    per_image: dict[str, list] = {"lpips": [], "ssim": [], "edge_f1": []}
+    object_scores: list[list[float]] = []
+    start = 0
+    for r in chunks:
+        originals = split.images[start : start + len(r)]
+        masks = split.masks[start : start + len(r)]
+        start += len(r)
+        per_image["lpips"].extend(lpips(r, originals))
+        per_image["ssim"].extend(ssim(a, b) for a, b in zip(r, originals, strict=True))
+        per_image["edge_f1"].extend(
+            edge_f1(a, b, settings.edge_threshold, settings.edge_tolerance)
+            for a, b in zip(r, originals, strict=True))
+        object_scores.extend(spatial_iou(a, b, m)
+                             for a, b, m in zip(r, originals, masks, strict=True))
+    if start != len(split.images):
+        raise ValueError(f"{start} reconstructions of the {len(split.images)} {split.name} "
+                         "images")
     ones = np.ones(len(split.images))
     result = {}
     for name, values in per_image.items():
+        values = np.asarray(values, dtype=np.float64)
         result[name] = float(values.mean())
         result[f"{name}_ci95"] = list(bootstrap_ci(values, ones, settings.bootstrap, settings.seed))
-    object_scores = [
-        spatial_iou(r, o, m) for r, o, m in zip(reconstructions, split.images, split.masks,
-                                                  strict=True)
-    ]
     sums = np.array([sum(s) for s in object_scores])
     counts = np.array([len(s) for s in object_scores])
     result["spatial_iou"] = ratio_of_sums(sums, counts)
@@ -137,21 +163,20 @@ def run_reconstruction_probe(
 ) -> tuple[dict, np.ndarray]:
     """Train on train, pick the checkpoint by val L1, report the test scores.
 
-    Returns the metrics and the test reconstructions (N, H, W, 3) uint8 (for figures).
+    Returns the metrics and the first RECONSTRUCT_BATCH test reconstructions (B, H, W, 3)
+    uint8 (for figures); the others are scored a batch at a time and dropped.
     """
     device = settings.fit.device
     standardize = Standardizer(features["train"])
-    x = {name: DeviceTokens(f, standardize, device) for name, f in features.items()}
-    # uint8, converted a batch at a time: a float copy of the images would be 4x their size
-    train_images = on_device(torch.from_numpy(splits["train"].images), device)
+    x = {name: device_tokens(f, standardize, device) for name, f in features.items()}
+    train_images = device_images(splits["train"].images, device)
 
     def step_loss(model, index, generator, step):
-        return F.l1_loss(model(x["train"].batch(index), geometry),
-                         to_unit(train_images[index.to(train_images.device)]).to(device))
+        return F.l1_loss(model(x["train"].batch(index), geometry), train_images.batch(index))
 
     def evaluate(model, step, train_loss):
-        val = reconstruct(model, x["val"], geometry).astype(np.float64) / 255.0
-        val_l1 = float(np.abs(val - splits["val"].images / 255.0).mean())
+        val_l1 = mean_abs_difference(reconstructions(model, x["val"], geometry),
+                                     splits["val"].images)
         return Evaluation(val_l1, {"train_l1": train_loss, "val_l1": val_l1})
 
     fitted = fit(lambda: Decoder(x["train"].shape[-1], settings.width, settings.depth,
@@ -159,9 +184,16 @@ def run_reconstruction_probe(
                  len(x["train"]), step_loss, evaluate, settings.fit, curves_dir,
                  "reconstruction")
     fs = settings.fit
+    kept: list[np.ndarray] = []
+
+    def test_chunks() -> Iterator[np.ndarray]:
+        for chunk in reconstructions(fitted.model, x["test"], geometry):
+            if not kept:
+                kept.append(chunk)
+            yield chunk
+
     with deterministic_torch(fs.seed, fs.threads, fs.device):
-        test = reconstruct(fitted.model, x["test"], geometry)
-    metrics = image_scores(test, splits["test"], lpips, settings.scores)
+        metrics = image_scores(test_chunks(), splits["test"], lpips, settings.scores)
     metrics["reconstruction_val_l1"] = fitted.score
     metrics["reconstruction_selected_step"] = fitted.step
-    return metrics, test
+    return metrics, kept[0]

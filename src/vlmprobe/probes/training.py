@@ -157,35 +157,56 @@ def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device) if fits_on(device, x.element_size() * x.nelement()) else x
 
 
-class DeviceTokens:
-    """A split's standardised tokens in batches on `device`: held there whole when they
-    `fits_on` it, else read from `tokens` a batch at a time (so host memory holds one batch,
-    whatever the split's size)."""
+class DeviceBatches:
+    """A split's rows (tokens, images), transformed for a model (standardised, scaled), in
+    batches on `device`: held there whole, transformed, when they `fits_on` it, else read and
+    transformed a batch at a time (so host memory holds one batch, whatever the split's size).
 
-    def __init__(self, tokens: Tokens | np.ndarray, standardize: Standardizer,
-                 device: torch.device):
-        self.tokens, self.standardize, self.device = as_tokens(tokens), standardize, device
-        self.shape = self.tokens.shape
-        n, t, d = self.shape
+    `read(index)` gives the host rows of images `index`; `transform` makes them a tensor."""
+
+    def __init__(self, n: int, read: Callable[[np.ndarray], np.ndarray],
+                 transform: Callable[[np.ndarray], torch.Tensor], device: torch.device,
+                 chunk: int):
+        self.read, self.transform, self.device = read, transform, device
+        first = transform(read(np.arange(min(n, 1))))
+        self.shape = (n, *first.shape[1:])
         self.resident: torch.Tensor | None = None
-        if fits_on(device, 4 * n * t * d):
-            self.resident = torch.empty(self.shape, device=device)
-            for index, x in chunks(self.tokens, max(1, STATS_ELEMENTS // (t * d))):
-                self.resident[torch.from_numpy(index)] = standardize(x).to(device)
+        if fits_on(device, first.element_size() * first[0].nelement() * n if n else 0):
+            self.resident = torch.empty(self.shape, dtype=first.dtype, device=device)
+            for start in range(0, n, chunk):
+                index = np.arange(start, min(start + chunk, n))
+                self.resident[start : index[-1] + 1] = transform(read(index)).to(device)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def batch(self, index: torch.Tensor) -> torch.Tensor:
-        """Images `index` (a CPU index tensor), on the device."""
+        """Rows `index` (a CPU index tensor), on the device."""
         if self.resident is not None:
             return self.resident[index.to(self.device)]
-        return self.standardize(self.tokens.rows(index.numpy())).to(self.device)
+        return self.transform(self.read(index.numpy())).to(self.device)
 
     def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """Every image in order, `batch_size` at a time, on the device."""
+        """Every row in order, `batch_size` at a time, on the device."""
         for start in range(0, len(self), batch_size):
             yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
+
+
+def device_tokens(tokens: Tokens | np.ndarray, standardize: Standardizer,
+                  device: torch.device) -> DeviceBatches:
+    """A split's tokens, standardised, in batches on `device`."""
+    tokens = as_tokens(tokens)
+    _, t, d = tokens.shape
+    return DeviceBatches(tokens.shape[0], tokens.rows, standardize, device,
+                         max(1, STATS_ELEMENTS // (t * d)))
+
+
+def device_images(images: np.ndarray, device: torch.device) -> DeviceBatches:
+    """(N, H, W, 3) uint8 images (or a split's, decoded when read) as (B, 3, H, W) floats in
+    [0, 1], in batches on `device`."""
+    h, w = images.shape[1:3]
+    return DeviceBatches(len(images), images.__getitem__, to_unit, device,
+                         max(1, STATS_ELEMENTS // (3 * h * w)))
 
 
 def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ from vlmprobe.params import (
     require_choice,
     require_int,
     require_name,
+    resolve_names,
 )
 
 PARAMS = ("vlm", "extract")
@@ -110,17 +111,7 @@ def clip_points(points: list[str], requested: str | list[str]) -> list[str]:
 
     Clips have eight frames each, so every extra point costs eight times an image's storage.
     """
-    if requested == "deepest":
-        return points[-1:]
-    if requested == "all":
-        return points
-    if isinstance(requested, list) and requested and set(requested) <= set(points):
-        return [p for p in points if p in requested]
-    raise ParamsError(
-        f"params.yaml: extract.clip_points = {requested!r} must be 'deepest', 'all' or a list "
-        f"of extracted points ({', '.join(points)}). "
-        "Fix: `dvc exp run -S extract.clip_points=deepest`."
-    )
+    return resolve_names(requested, "extract.clip_points", points, ("deepest", "all"))
 
 
 def scratch_key(config: dict, device: torch.device, data_files: list[Path], points: list[str],

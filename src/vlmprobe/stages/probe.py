@@ -31,6 +31,7 @@ from vlmprobe.params import (
     require_float,
     require_float_list,
     require_int,
+    resolve_names,
 )
 from vlmprobe.probes.controls import OracleTokens, PixelTokens, ShuffledTokens
 from vlmprobe.probes.coverage import ProbeSettings, coverage_targets
@@ -50,33 +51,8 @@ LPIPS_NETS = ("alex", "vgg")
 
 
 def require_names(params: dict, key: str, valid: list[str] | None) -> list[str] | str:
-    """A list of names from `valid`, `all`, or `deepest` (the last of `valid`: for points, the
-    deepest extraction point of any model), kept in `valid`'s order. With `valid` None (the
-    feature store is not known yet) only the form is checked and the keyword returned as is."""
-    value = get(params, key)
-    if value == "none":  # said outright: this probe runs at no point / with no control
-        return []
-    if value == "all":
-        return list(valid) if valid is not None else value
-    if value == "deepest":
-        return list(valid)[-1:] if valid is not None else value
-    # Empty is refused: an empty list is more often a slip than a choice, so turning a probe
-    # (or its controls) off is said outright, with `none`.
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        choices = ", ".join(valid) if valid is not None else "the feature store's point ids"
-        raise ParamsError(f"params.yaml: {key} = {value!r} is invalid; expected `all`, "
-                          f"`deepest`, `none` (run it nowhere) or a non-empty list of: "
-                          f"{choices}. Fix: edit params.yaml.")
-    if valid is None:
-        return value
-    unknown = [v for v in value if v not in valid]
-    if unknown:
-        raise ParamsError(
-            f"params.yaml: {key} names {', '.join(map(repr, unknown))}; valid choices: "
-            f"{', '.join(valid)} (or `all`, `deepest`). Fix: edit params.yaml or run "
-            f"`dvc exp run -S '{key}=[{valid[-1]}]'`."
-        )
-    return [v for v in valid if v in value]
+    """`key`'s points or controls, resolved against `valid` (see `resolve_names`)."""
+    return resolve_names(get(params, key), key, valid)
 
 
 def fit_settings(params: dict, probe: str, seed: int, threads: int, device: torch.device,

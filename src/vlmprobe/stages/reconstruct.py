@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         trained, summaries[name] = train_adapter(tokens, images, geometry, vae, lpips.model,
                                                  config["train"], args.plots / "curves", name)
         reconstructions[label] = trained.reconstruct(tokens["test"])
-        results[name] = image_scores(reconstructions[label], splits["test"], lpips,
+        results[name] = image_scores([reconstructions[label]], splits["test"], lpips,
                                      config["scores"])
         detector_start = time.perf_counter()
         results[name].update(detector.score(reconstructions[label], splits["test"],

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vlmprobe.models.base import safetensors_kwargs
+from vlmprobe.entries import safetensors_kwargs
 from vlmprobe.vae.base import VideoVAE
 from vlmprobe.vae.registry import VaeEntry, VaeError
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from vlmprobe.models.registry import RegistryError, entry_name
+from vlmprobe.entries import RegistryError, entry_name
 
 if TYPE_CHECKING:
     from vlmprobe.vae.base import VideoVAE
