@@ -45,12 +45,25 @@ SMALL_PARAMS = {
 
 # Quicker still, where a test needs finished outputs but no trained probe: the trained probes
 # off at the model's points (a brief decoder on the pixels control only), so spatial IoU,
-# LPIPS and mAP are "not measured"; the bbox probe still runs and ranks.
+# LPIPS and mAP are "not measured"; the bbox probe still runs and ranks. Moving-shapes clips of
+# 4 frames, not 8: most of a real model's extraction time is the clip frames.
 QUICK_PARAMS = {**{f"probe.{probe}.{key}": "none" for probe in ("detr", "dense", "reconstruction")
                    for key in ("points", "controls")},
                 "probe.reconstruction.controls": ["pixels"], "probe.reconstruction.steps": 50,
                 "probe.reconstruction.eval_every": 25,
-                "reconstruct.warmup_epochs": 1, "reconstruct.bootstrap": 200}
+                "reconstruct.warmup_epochs": 1, "reconstruct.bootstrap": 200,
+                "data.moving_shapes.n_frames": 4}
+
+# Over SMALL_PARAMS, for a model family's whole pipeline (test_extract_pipeline.py), where what
+# differs per family is the extract and ground stages: every stage runs, every point is
+# extracted and bbox-probed beside the bbox controls, and each trained probe (dense, DETR-style,
+# reconstruction) trains once at the deepest point on the family's tokens; their controls, the
+# dense probe at the other points, the second seed and the temporal probe's controls are off.
+# Those run through DVC, on SMALL_PARAMS, in test_pipeline.py's experiments and
+# test_data_pipeline.py's COCO fixture (and on a tiny store in test_probe_stage.py).
+FAMILY_PARAMS = {"probe.dense.points": "deepest", "probe.seeds": 1,
+                 **{f"probe.{probe}.controls": "none"
+                    for probe in ("dense", "detr", "reconstruction", "temporal")}}
 
 
 def tool_env(base: dict[str, str] | None = None) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, make_project, run
+from conftest import QUICK_PARAMS, ROOT, make_project, run
 from fixture_datasets import ANNOTATIONS, corrupt_coco, corrupt_video, make_coco, make_ssv2
 from vlmprobe.data.coco import candidate_order
 
@@ -71,7 +71,11 @@ def test_coco_fixture(tmp_path):
 def test_ssv2_fixture(tmp_path):
     source = make_ssv2(tmp_path / "ssv2", n_videos=45)  # 36 directional: room to skip
     expected = corrupt_video(source, "50000", "truncated")
+    # The images stay the synthetic shapes, which test_pipeline.py's `px` experiment (the same
+    # shapes and model) runs every trained probe on: here they are off (QUICK_PARAMS); the clips,
+    # the temporal probe and its controls are this test's.
     project = make_project(tmp_path / "project", {
+        **QUICK_PARAMS,
         "data.ssv2.n_train": 16, "data.ssv2.n_val": 8, "data.ssv2.n_test": 8,
         "data.ssv2.image_size": 112, "data.ssv2.n_frames": 6, "vlm": "pixels"})
     env = {**os.environ, "SSV2": str(source)}

@@ -1,6 +1,7 @@
 """`dvc exp run -S vlm=<family>_tiny` runs the whole pipeline offline on CPU for each family;
 one family bridges into the random LTX-Video VAE (`-S video_vae=ltx_video_tiny`), the others
-into the default `pixels32`."""
+into the default `pixels32`. What differs per family is the extract and ground stages: the
+trained probes run at the deepest point only, without their controls (conftest.FAMILY_PARAMS)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import make_project, run
+from conftest import FAMILY_PARAMS, make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +22,15 @@ pytestmark = pytest.mark.slow
     ("cogvlm2_tiny", "pixels32"),
 ])
 def test_tiny_family_runs_the_whole_pipeline(tmp_path, vlm, video_vae):
-    project = make_project(tmp_path / "project")
+    project = make_project(tmp_path / "project", FAMILY_PARAMS)
     run(["dvc", "exp", "run", "-S", f"vlm={vlm}", "-S", f"video_vae={video_vae}"], project)
     extract = json.loads((project / "metrics/extract.json").read_text())
     assert extract["vlm"] == vlm and "RANDOM" in extract["weights"]["label"]
     probe = json.loads((project / "metrics/probe.json").read_text())
     assert set(probe["points"]) == set(extract["points"])
+    # Each trained probe trained on the family's tokens at the deepest point.
+    deepest = probe["points"][probe["meta"]["reference_point"]]
+    assert {"dense_map50", "map50", "spatial_iou"} <= set(deepest)
     assert (project / "data/clip_features/manifest.json").exists()
     assert (project / f"results/p4/{vlm}-spatial.yaml").exists()
     for stage in ("align", "reconstruct"):

@@ -2,8 +2,9 @@
 
 A moto server on 127.0.0.1 (a free port, every request's credentials checked) stands in for S3
 and a bare git repository for the team's git remote. The pipeline runs once (`vlm=pixels`, the
-small params) in an origin project that pushes to both; clones of the git remote then pull,
-reproduce and exchange an experiment. The failure cases push from a clone that holds every output.
+quick params: no trained probe at the model's point) in an origin project that pushes to both;
+clones of the git remote then pull, reproduce and exchange an experiment. The failure cases push
+from a clone that holds every output.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import boto3
 import pytest
 import yaml
 
-from conftest import ROOT, make_project, run, tool_env
+from conftest import QUICK_PARAMS, ROOT, make_project, run, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -244,8 +245,10 @@ def team(
     without S3 is not held up by the default remote.
     """
     base = tmp_path_factory.mktemp("team")
-    # Bootstrap resamples are most of the probe stage's time; these tests don't read its numbers.
-    origin = make_project(base / "origin", {"vlm": "pixels", "probe.bootstrap": 100})
+    # These tests don't read the probe stage's numbers: the quick params, fewer bootstrap
+    # resamples.
+    origin = make_project(base / "origin",
+                          {**QUICK_PARAMS, "vlm": "pixels", "probe.bootstrap": 100})
     run(["dvc", "repro"], origin)
     run(["git", "add", "-A"], origin)
     run(["git", "commit", "-qm", "pipeline ran"], origin)
