@@ -4,6 +4,10 @@ chunks against numpy's on the whole array, and a split's images and masks decode
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +137,24 @@ def test_split_images_and_masks_decode_on_demand_within_the_cache(tmp_path, monk
     Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(images.paths[4])  # another size
     with pytest.raises(dataset.DatasetError, match="dvc repro --force data"):
         dataset.load_split(tmp_path, "train").images[4]
+
+
+def test_the_image_cache_tells_apart_two_datasets_at_one_relative_path(tmp_path, monkeypatch):
+    """One process (a test worker, a notebook) reading two working directories' data/ by the
+    same relative paths, or a dataset written again in place, reads each file's own pixels."""
+    import vlmprobe.data.dataset as dataset
+
+    monkeypatch.setattr(dataset, "DECODED", dataset.DecodedImages())
+    for size, name in ((32, "a"), (48, "b")):
+        generate_shapes(tmp_path / name, seed=0, image_size=size, n_train=3, n_val=1, n_test=1,
+                        min_objects=1, max_objects=2, min_size=6, max_size=12)
+    for size, name in ((32, "a"), (48, "b")):
+        monkeypatch.chdir(tmp_path / name)
+        images = dataset.load_split(Path("."), "train").images
+        assert images[:].shape == (3, size, size, 3)
+    monkeypatch.chdir(tmp_path / "a")
+    path = dataset.load_split(Path("."), "train").images.paths[1]
+    rewritten = np.full((32, 32, 3), 7, np.uint8)
+    Image.fromarray(rewritten).save(path)
+    os.utime(path, ns=(time.time_ns() + 10**9,) * 2)  # a new mtime even on a coarse clock
+    np.testing.assert_array_equal(dataset.load_split(Path("."), "train").images[1], rewritten)

@@ -32,25 +32,35 @@ class DatasetError(MissingInput):
 IMAGE_CACHE_BYTES = 128 * 2**20  # decoded images kept, all splits together (the default's all)
 
 
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(path: Path) -> FileIdentity:
+    """What tells one file's contents from another's: the same relative path in another
+    working directory, or a file written again in place, is a different key."""
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
 class DecodedImages:
-    """The most recently read decoded images of every split, by file, up to IMAGE_CACHE_BYTES
-    in all: small datasets are decoded once, large ones cost the budget, not their size."""
+    """The most recently read decoded images of every split, by file identity, up to
+    IMAGE_CACHE_BYTES in all: small datasets are decoded once, large ones cost the budget,
+    not their size."""
 
     def __init__(self):
-        self.images: OrderedDict[Path, np.ndarray] = OrderedDict()
+        self.images: OrderedDict[FileIdentity, np.ndarray] = OrderedDict()
         self.nbytes = 0
 
-    def get(self, path: Path) -> np.ndarray | None:
-        image = self.images.get(path)
+    def read(self, path: Path) -> np.ndarray:
+        key = file_identity(path)
+        image = self.images.get(key)
         if image is not None:
-            self.images.move_to_end(path)
-        return image
-
-    def put(self, path: Path, image: np.ndarray) -> np.ndarray:
+            self.images.move_to_end(key)
+            return image
+        image = read_rgb(path)
         image.flags.writeable = False  # shared by every reader of the cache
-        if path not in self.images:
-            self.images[path] = image
-            self.nbytes += image.nbytes
+        self.images[key] = image
+        self.nbytes += image.nbytes
         while self.nbytes > IMAGE_CACHE_BYTES and len(self.images) > 1:
             self.nbytes -= self.images.popitem(last=False)[1].nbytes
         return image
@@ -69,16 +79,11 @@ class SplitImages:
 
     def __init__(self, paths: list[Path]):
         self.paths = list(paths)
-        first = self._read(self.paths[0]) if self.paths else np.zeros((0, 0, 3), np.uint8)
+        first = DECODED.read(self.paths[0]) if self.paths else np.zeros((0, 0, 3), np.uint8)
         self.shape = (len(self.paths), *first.shape)
 
-    @staticmethod
-    def _read(path: Path) -> np.ndarray:
-        cached = DECODED.get(path)
-        return cached if cached is not None else DECODED.put(path, read_rgb(path))
-
     def image(self, i: int) -> np.ndarray:
-        image = self._read(self.paths[i])
+        image = DECODED.read(self.paths[i])
         if image.shape != self.shape[1:]:
             raise DatasetError(f"{self.paths[i]} is {image.shape[1]}x{image.shape[0]}, the "
                                f"split's first image {self.shape[2]}x{self.shape[1]}; run "
