@@ -22,9 +22,11 @@ def write_deliverables(shown, out, kinds, baseline):
 
 def probe(vlm, spatial, ci, bbox=0.5, map50=0.3, lpips=0.2):
     return {"meta": {"vlm": vlm},
-            "points": {"p": {"bbox_iou": bbox, "bbox_iou_ci95": [bbox - 0.02, bbox + 0.02],
-                             "map50": map50, "spatial_iou": spatial, "spatial_iou_ci95": ci,
-                             "lpips": lpips, "lpips_ci95": [lpips - 0.01, lpips + 0.01]}},
+            "points": {"p": {"bbox": {"iou": bbox, "iou_ci95": [bbox - 0.02, bbox + 0.02]},
+                             "detr": {"map50": map50},
+                             "reconstruction": {"spatial_iou": spatial, "spatial_iou_ci95": ci,
+                                                "lpips": lpips,
+                                                "lpips_ci95": [lpips - 0.01, lpips + 0.01]}}},
             "validity": {"bbox": {"valid": True}, "reconstruction": {"valid": True}}}
 
 

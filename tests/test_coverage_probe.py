@@ -57,11 +57,11 @@ def test_oracle_passes_and_its_shuffled_version_fails(splits):
     oracle = {n: oracle_tokens(t, 64, 0.05, seed=0, stream=i)
               for i, (n, t) in enumerate(targets.items())}
     good = run_bbox_probe(oracle, targets, splits, GEOMETRY, SETTINGS)
-    assert good["bbox_iou"] >= 0.6
-    lo, hi = good["bbox_iou_ci95"]
-    assert lo <= good["bbox_iou"] <= hi
+    assert good["iou"] >= 0.6
+    lo, hi = good["iou_ci95"]
+    assert lo <= good["iou"] <= hi
     shuffled = {n: shuffled_tokens(f, seed=0, stream=i) for i, (n, f) in enumerate(oracle.items())}
-    assert run_bbox_probe(shuffled, targets, splits, GEOMETRY, SETTINGS)["bbox_iou"] <= 0.2
+    assert run_bbox_probe(shuffled, targets, splits, GEOMETRY, SETTINGS)["iou"] <= 0.2
 
 
 def test_oracle_map_is_shared_across_splits_and_noise_is_not():

@@ -62,9 +62,9 @@ def test_coco_fixture(tmp_path):
     bands = yaml.safe_load((project / "params.yaml").read_text())["probe"]["bands"]["bbox"]
     controls = probe["controls"]
     # pycocotools on the fixture's own ground truth: the oracle clears the band, its shuffle not.
-    assert controls["oracle"]["bbox_iou"] >= bands["positive_min"]
-    assert controls["oracle_shuffled"]["bbox_iou"] <= bands["negative_max"]
-    assert controls["oracle"]["bbox_map50"] > 0.5 > controls["oracle_shuffled"]["bbox_map50"]
+    assert controls["oracle"]["bbox"]["iou"] >= bands["positive_min"]
+    assert controls["oracle_shuffled"]["bbox"]["iou"] <= bands["negative_max"]
+    assert controls["oracle"]["bbox"]["map50"] > 0.5 > controls["oracle_shuffled"]["bbox"]["map50"]
     assert probe["validity"]["bbox"]["valid"] is True
 
 
@@ -86,7 +86,7 @@ def test_ssv2_fixture(tmp_path):
     assert data["dataset"] == "ssv2" and data["clips"]["clips"] == {
         "train": 16, "val": 8, "test": 8}
     probe = json.loads((project / "metrics/probe.json").read_text())
-    assert all("direction_acc" in m for m in probe["points"].values())
-    assert "direction_acc" in probe["controls"]["shuffled"]
-    assert "direction_acc" not in probe["controls"]["oracle"]  # needs boxes: not run
+    assert all("direction_acc" in m["temporal"] for m in probe["points"].values())
+    assert "direction_acc" in probe["controls"]["shuffled"]["temporal"]
+    assert "temporal" not in probe["controls"]["oracle"]  # needs boxes: not run
     assert probe["validity"]["temporal"]["valid"] is None  # unknown, not passing

@@ -112,10 +112,9 @@ def test_direction_probe_on_clips_without_boxes(ssv2_source, tmp_path):
     clips = ClipData.load(tmp_path / "clips", store)
     settings = TemporalSettings(ridge_alphas=[0.01], penalties=[1.0, 100.0], readout_frames=2,
                                 bootstrap=50, seed=0)
-    points, controls = {}, {}
-    run_temporal(clips, points, controls, settings, ["oracle", "oracle_shuffled", "shuffled"],
-                 oracle_dim=16, oracle_noise=0.01)
-    assert points["p"]["direction_selected"]["pca_components"] in (8, 32)
+    points, controls = run_temporal(clips, settings, ["oracle", "oracle_shuffled", "shuffled"],
+                                    oracle_dim=16, oracle_noise=0.01)
+    assert points["p"]["selected"]["pca_components"] in (8, 32)
     assert points["p"]["direction_acc"] >= 0.75  # the fixture's squares move plainly
     assert set(controls) == {"shuffled"}  # the oracles need boxes: not run
     assert pooled_clips(clips.tokens("p"), clips.splits["test"], store.geometry_).shape[1] == 3

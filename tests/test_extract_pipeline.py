@@ -30,7 +30,8 @@ def test_tiny_family_runs_the_whole_pipeline(tmp_path, vlm, video_vae):
     assert set(probe["points"]) == set(extract["points"])
     # Each trained probe trained on the family's tokens at the deepest point.
     deepest = probe["points"][probe["meta"]["reference_point"]]
-    assert {"dense_map50", "map50", "spatial_iou"} <= set(deepest)
+    assert {"dense", "detr", "reconstruction"} <= set(deepest)
+    assert "spatial_iou" in deepest["reconstruction"] and "map50" in deepest["detr"]
     assert (project / "data/clip_features/manifest.json").exists()
     assert (project / f"results/p4/{vlm}-spatial.yaml").exists()
     for stage in ("align", "reconstruct"):

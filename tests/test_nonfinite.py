@@ -160,7 +160,7 @@ def test_detection_scores_refuse_nan_boxes(tiny):  # noqa: F811
     n = len(splits["test"].image_ids)
     found = [Detections(np.full((2, 4), NAN), np.array([1, 1]), np.array([0.9, 0.8]))] * n
     with pytest.raises(NonFiniteDetections, match=rf"{4 * 2 * n} NaN .* in boxes .*{n} of {n}"):
-        detection_scores(splits["test"], found, "", 100, 0)
+        detection_scores(splits["test"], found, 100, 0)
 
 
 DETR = detr.DetrSettings(
@@ -182,15 +182,16 @@ def test_detr_head_with_nan_boxes_is_marked_invalid_not_scored(tiny, tmp_path, m
     splits, geometry, oracle = tiny
     monkeypatch.setattr(detr.DetrProbe, "forward", nan_boxes_in_eval(detr.DetrProbe.forward))
     metrics, found = detr.run_detr_probe(oracle, splits, geometry, DETR, tmp_path)
-    assert set(metrics) == {"detr_invalid"}  # no map50, map, CI or val_map50 as a number
-    assert "no checkpoint gave finite validation detections" in metrics["detr_invalid"]
-    assert "NaN" in metrics["detr_invalid"] and "in boxes" in metrics["detr_invalid"]
+    assert set(metrics) == {"invalid"}  # no map50, map, CI or val_map50 as a number
+    assert "no checkpoint gave finite validation detections" in metrics["invalid"]
+    assert "NaN" in metrics["invalid"] and "in boxes" in metrics["invalid"]
     assert len(found) == len(splits["test"].image_ids) and all(len(f.boxes) == 0 for f in found)
     # The controls' verdict carries the reason; the writer accepts the result.
     verdict = probe_validity("detr", {"oracle": metrics, "oracle_shuffled": {"map50": 0.0}},
                              Band(0.5, 0.1, 0.2))
     assert verdict["valid"] is False and "detr probe failed on oracle" in verdict["reason"]
-    write_json(tmp_path / "probe.json", {"controls": {"oracle": metrics}, "validity": verdict})
+    write_json(tmp_path / "probe.json", {"controls": {"oracle": {"detr": metrics}},
+                                         "validity": {"detr": verdict}})
 
 
 def test_detr_head_that_diverges_in_training_stops_and_is_invalid(tiny, tmp_path, monkeypatch):  # noqa: F811
@@ -199,8 +200,8 @@ def test_detr_head_that_diverges_in_training_stops_and_is_invalid(tiny, tmp_path
     monkeypatch.setattr(detr.DetrProbe, "forward", lambda self, t, p: [
         (logits, torch.full_like(b, NAN)) for logits, b in forward(self, t, p)])
     metrics, _ = detr.run_detr_probe(oracle, splits, geometry, DETR, tmp_path)
-    assert set(metrics) == {"detr_invalid"}
-    assert "step 1: DETR head outputs in training" in metrics["detr_invalid"]
+    assert set(metrics) == {"invalid"}
+    assert "step 1: DETR head outputs in training" in metrics["invalid"]
 
 
 def test_dense_head_with_nan_scores_is_marked_invalid(tiny, tmp_path, monkeypatch):  # noqa: F811
@@ -213,7 +214,7 @@ def test_dense_head_with_nan_scores_is_marked_invalid(tiny, tmp_path, monkeypatc
 
     monkeypatch.setattr(DenseHead, "forward", nan_scores)
     metrics, found = run_dense_probe(oracle, splits, geometry, DENSE, tmp_path)
-    assert set(metrics) == {"dense_invalid"} and "in scores" in metrics["dense_invalid"]
+    assert set(metrics) == {"invalid"} and "in scores" in metrics["invalid"]
     assert all(len(f.boxes) == 0 for f in found)
 
 
@@ -225,8 +226,8 @@ def test_bbox_probe_with_nan_coverage_is_marked_invalid(tiny, monkeypatch):  # n
                         lambda linear, tokens: np.full((tokens.shape[0], geometry.n_tokens, 3),
                                                        NAN))
     metrics = coverage.run_bbox_probe(oracle, targets, splits, geometry, settings)
-    assert set(metrics) == {"bbox_invalid"}
-    assert "no ridge penalty gave finite coverage" in metrics["bbox_invalid"]
+    assert set(metrics) == {"invalid"}
+    assert "no ridge penalty gave finite coverage" in metrics["invalid"]
 
 
 def test_parse_box_takes_a_nan_box_as_a_miss():
@@ -237,11 +238,12 @@ def test_parse_box_takes_a_nan_box_as_a_miss():
 
 def test_writer_refuses_nan_and_names_its_key_path(tmp_path):
     path = tmp_path / "probe.json"
-    with pytest.raises(NonFiniteJSON, match=r"points\.L5\.map50, points\.L5\.map_ci95\[1\]"):
-        write_json(path, {"points": {"L5": {"map50": NAN, "map_ci95": [0.0, np.inf]}}})
+    with pytest.raises(NonFiniteJSON,
+                       match=r"points\.L5\.detr\.map50, points\.L5\.detr\.map_ci95\[1\]"):
+        write_json(path, {"points": {"L5": {"detr": {"map50": NAN, "map_ci95": [0.0, np.inf]}}}})
     assert not path.exists()
-    write_json(path, {"points": {"L5": invalid_result("detr", "diverged")}})
-    assert json.loads(path.read_text()) == {"points": {"L5": {"detr_invalid": "diverged"}}}
+    write_json(path, {"points": {"L5": {"detr": invalid_result("diverged")}}})
+    assert json.loads(path.read_text()) == {"points": {"L5": {"detr": {"invalid": "diverged"}}}}
 
 
 # --- the extraction engine: a non-finite feature never reaches a shard ---

@@ -29,8 +29,8 @@ def test_experiments_run_from_a_clean_clone_and_diff(project):
     diff = json.loads(run(["dvc", "metrics", "diff", "px", "dino", "--json"], project).stdout)
     changes = diff["metrics/probe.json"]
     assert changes["meta.vlm"] == {"old": "pixels", "new": "dinov2_small"}
-    assert changes["points.final.bbox_iou"]["old"] is None
-    assert changes["points.final.bbox_iou"]["new"] > 0.3
+    assert changes["points.final.bbox.iou"]["old"] is None
+    assert changes["points.final.bbox.iou"]["new"] > 0.3
 
     # The workspace holds the last experiment: its report and figure exist.
     assert (project / "results/p4/dinov2_small-spatial.yaml").exists()

@@ -26,6 +26,7 @@ from vlmprobe.extract.store import write_manifest, write_shard
 from vlmprobe.io import read_json, write_json
 from vlmprobe.params import ParamsError
 from vlmprobe.probes.controls import pixel_tokens
+from vlmprobe.probes.registry import PROBES, TRAINED
 from vlmprobe.stages import probe as probe_stage
 from vlmprobe.stages import report as report_stage
 
@@ -92,24 +93,33 @@ def test_probe_and_report_stages_end_to_end(workdir, monkeypatch):
     probe_stage.main(stage_args("probe"))
     metrics = read_json(workdir / "metrics/probe.json")
     assert set(metrics["points"]) == {"a", "b"}
-    assert "map50" in metrics["points"]["b"] and "map50" not in metrics["points"]["a"]
-    assert "spatial_iou" in metrics["points"]["b"]
-    for point in ("a", "b"):
-        assert {"bbox_iou", "bbox_iou_ci95", "dense_map50", "direction_acc"} <= set(
-            metrics["points"][point])
+    assert "detr" in metrics["points"]["b"] and "detr" not in metrics["points"]["a"]
+    assert "spatial_iou" in metrics["points"]["b"]["reconstruction"]
+    for point in ("a", "b"):  # nested by probe, in registry order
+        record = metrics["points"][point]
+        assert {"iou", "iou_ci95"} <= set(record["bbox"]) and "map50" in record["dense"]
+        assert "direction_acc" in record["temporal"]
+        assert list(record) == [p for p in PROBES if p in record]
+    for probe in TRAINED:  # the same keys of the fit loop for every trained probe
+        assert {"selected_step"} <= set(metrics["points"]["b"][probe])
+        assert any(k.startswith("val_") for k in metrics["points"]["b"][probe])
     assert set(metrics["controls"]) == {"oracle", "oracle_shuffled", "shuffled", "pixels"}
-    assert "direction_acc" in metrics["controls"]["oracle_shuffled"]
+    assert "direction_acc" in metrics["controls"]["oracle_shuffled"]["temporal"]
     assert set(metrics["validity"]) == {"bbox", "dense", "detr", "reconstruction", "temporal"}
     for name in ("boxes.png", "reconstructions.png", "points.csv"):
         assert (workdir / "plots/probe" / name).stat().st_size > 0
     assert (workdir / "plots/probe/curves/detr/b/plots/metrics/val_map50.tsv").exists()
     # Training noise: every trained probe at the deepest point, trained again with seed + 1
     deepest = metrics["points"]["b"]
-    for metric in ("dense_map50", "map50", "spatial_iou"):
-        seeds = deepest[f"{metric}_seeds"]
-        assert len(seeds) == 2 and seeds[0] == deepest[metric]
-        assert deepest[f"{metric}_seed_range"] == pytest.approx(max(seeds) - min(seeds), abs=1e-4)
-    assert "dense_map50_seeds" not in metrics["points"]["a"]
+    for probe in TRAINED:
+        record, metric = deepest[probe], PROBES[probe].headline
+        seeds = record[f"{metric}_seeds"]
+        assert len(seeds) == 2 and seeds[0] == record[metric]
+        assert record[f"{metric}_seed_range"] == pytest.approx(max(seeds) - min(seeds), abs=1e-4)
+    assert "map50_seeds" not in metrics["points"]["a"]["dense"]
+    header = (workdir / "plots/probe/points.csv").read_text().splitlines()[0].split(",")
+    assert {"bbox_iou", "dense_map50", "detr_map50", "reconstruction_spatial_iou",
+            "temporal_direction_acc"} <= set(header)
     assert (workdir / "plots/probe/curves/detr/b-seed1/plots/metrics/val_map50.tsv").exists()
 
     report_stage.main(stage_args("report"))

@@ -110,7 +110,7 @@ def test_dense_probe_runs_and_repeats_exactly(tiny, tmp_path):
     first, found = run_dense_probe(oracle, splits, geometry, DENSE, tmp_path / "a")
     second, _ = run_dense_probe(oracle, splits, geometry, DENSE, tmp_path / "b")
     assert first == second
-    assert {"dense_map50", "dense_map50_ci95", "dense_map", "dense_map_ci95"} <= set(first)
+    assert {"map50", "map50_ci95", "map", "map_ci95", "val_map50", "selected_step"} <= set(first)
     assert len(found) == len(splits["test"].image_ids)
     assert (tmp_path / "a" / "plots" / "metrics" / "val_map50.tsv").exists()
 
@@ -149,7 +149,7 @@ def test_dense_probe_learns_the_oracle(tiny, tmp_path):
     splits, geometry, oracle = tiny
     settings = replace(DENSE, fit=replace(DENSE.fit, steps=150, eval_every=50))
     metrics, _ = run_dense_probe(oracle, splits, geometry, settings, tmp_path)
-    assert metrics["dense_map50"] > 0.5
+    assert metrics["map50"] > 0.5
 
 
 def _fit_scripted(scores, keep="best", higher_is_better=True, diverge_at=None, tmp_path=None):

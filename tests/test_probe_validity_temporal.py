@@ -19,17 +19,17 @@ BAND = Band(positive_min=0.6, negative_max=0.2, min_gap=0.0)
 
 
 def test_probe_is_valid_when_both_controls_are_in_band():
-    controls = {"oracle": {"bbox_iou": 0.8}, "oracle_shuffled": {"bbox_iou": 0.05}}
+    controls = {"oracle": {"iou": 0.8}, "oracle_shuffled": {"iou": 0.05}}
     verdict = probe_validity("bbox", controls, BAND)
     assert verdict["valid"] and verdict["positive_pass"] and verdict["negative_pass"]
 
 
 @pytest.mark.parametrize(
     ("oracle", "shuffled", "reason"),
-    [(0.5, 0.05, "oracle bbox_iou 0.500 < 0.6"), (0.8, 0.3, "not clearly below")],
+    [(0.5, 0.05, "oracle iou 0.500 < 0.6"), (0.8, 0.3, "not clearly below")],
 )
 def test_probe_is_invalid_when_a_control_misses(oracle, shuffled, reason):
-    controls = {"oracle": {"bbox_iou": oracle}, "oracle_shuffled": {"bbox_iou": shuffled}}
+    controls = {"oracle": {"iou": oracle}, "oracle_shuffled": {"iou": shuffled}}
     verdict = probe_validity("bbox", controls, BAND)
     assert not verdict["valid"] and reason in verdict["reason"]
 

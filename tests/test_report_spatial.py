@@ -8,8 +8,9 @@ from vlmprobe.report.spatial import band, go_no_go, plan, spatial_markdown, spat
 
 
 def _metrics(reconstruction_valid: bool = True, spatial_iou: float = 0.62) -> dict:
-    point = {"bbox_iou": 0.55, "bbox_iou_ci95": [0.5, 0.6], "dense_map50": 0.9,
-             "lpips": 0.32, "spatial_iou": spatial_iou, "spatial_iou_ci95": [0.55, 0.7]}
+    point = {"bbox": {"iou": 0.55, "iou_ci95": [0.5, 0.6]}, "dense": {"map50": 0.9},
+             "reconstruction": {"lpips": 0.32, "spatial_iou": spatial_iou,
+                                "spatial_iou_ci95": [0.55, 0.7]}}
     validity = {
         probe: {"valid": True, "reason": "controls within their bands"}
         for probe in ("bbox", "dense", "detr")
@@ -18,8 +19,8 @@ def _metrics(reconstruction_valid: bool = True, spatial_iou: float = 0.62) -> di
     return {
         "meta": {"vlm": "m", "display_name": "M", "weights_source": "w", "n_train": 3,
                  "n_val": 1, "n_test": 1},
-        "points": {"early": {"bbox_iou": 0.3, "bbox_iou_ci95": [0.2, 0.4]}, "final": point},
-        "controls": {"oracle": {"bbox_iou": 0.8, "bbox_iou_ci95": [0.7, 0.9]}},
+        "points": {"early": {"bbox": {"iou": 0.3, "iou_ci95": [0.2, 0.4]}}, "final": point},
+        "controls": {"oracle": {"bbox": {"iou": 0.8, "iou_ci95": [0.7, 0.9]}}},
         "validity": validity,
     }
 
@@ -36,8 +37,8 @@ def test_band_follows_the_plan(metric, value, verdict):
 def test_go_when_every_threshold_passes_at_the_best_point():
     result = go_no_go(_metrics(), plan())
     assert result["verdict"] == "GO"
-    assert result["checks"]["bbox_iou"] == {"status": "pass", "point": "final", "value": 0.55,
-                                            "threshold": 0.4}
+    assert result["checks"]["bbox_iou"] == {"status": "pass", "point": "final", "probe": "bbox",
+                                            "value": 0.55, "threshold": 0.4}
 
 
 def test_no_go_when_a_valid_probe_misses():

@@ -72,12 +72,15 @@ def probe_metrics(valid_reconstruction: bool = True) -> dict:
     return {
         "meta": {"vlm": "dinov2_small"},
         "points": {
-            "early": {"bbox_iou": 0.3, "bbox_iou_ci95": [0.25, 0.35], "spatial_iou": 0.5,
-                      "lpips": 0.3, "map50": 0.1, "dense_map50": 0.4},
-            "late": {"bbox_iou": 0.6, "bbox_iou_ci95": [0.55, 0.65], "spatial_iou": 0.4,
-                     "lpips": 0.2, "lpips_ci95": [0.18, 0.22], "map50": 0.2},
+            "early": {"bbox": {"iou": 0.3, "iou_ci95": [0.25, 0.35]},
+                      "reconstruction": {"spatial_iou": 0.5, "lpips": 0.3},
+                      "detr": {"map50": 0.1}, "dense": {"map50": 0.4}},
+            "late": {"bbox": {"iou": 0.6, "iou_ci95": [0.55, 0.65]},
+                     "reconstruction": {"spatial_iou": 0.4, "lpips": 0.2,
+                                        "lpips_ci95": [0.18, 0.22]},
+                     "detr": {"map50": 0.2}},
         },
-        "controls": {"oracle": {"bbox_iou": 0.99}},
+        "controls": {"oracle": {"bbox": {"iou": 0.99}}},
         "validity": {"bbox": {"valid": True},
                      "reconstruction": {"valid": valid_reconstruction,
                                         "reason": "pixels spatial_iou 0.1 < 0.5"}},
@@ -87,9 +90,9 @@ def probe_metrics(valid_reconstruction: bool = True) -> dict:
 def test_best_valid_point_per_quantity_with_its_interval_and_source():
     found, missing = measure({"probe": probe_metrics()})
     assert found["bbox_iou"] == Measurement(0.6, (0.55, 0.65),
-                                            "metrics/probe.json points.late.bbox_iou")
+                                            "metrics/probe.json points.late.bbox.iou")
     assert found["lpips"].value == 0.2 and found["lpips"].ci95 == (0.18, 0.22)  # lower is better
-    assert found["map50"].source == "metrics/probe.json points.early.dense_map50"
+    assert found["map50"].source == "metrics/probe.json points.early.dense.map50"
     assert found["cka"] is None and "metrics/align.json absent" in missing["cka"]
 
 
@@ -165,10 +168,10 @@ def test_a_quantity_not_applicable_says_why():
 
 def test_training_seeds_widen_the_interval_so_noise_is_no_difference():
     # DETR-style map50 from two seeds, 0.847 and 0.825 (the spread two CPUs gave one seed)
-    metrics = {"points": {"final": {"map50": 0.847, "map50_ci95": [0.83, 0.86],
-                                    "map50_seeds": [0.847, 0.825]}},
+    metrics = {"points": {"final": {"detr": {"map50": 0.847, "map50_ci95": [0.83, 0.86],
+                                             "map50_seeds": [0.847, 0.825]}}},
                "validity": {"detr": {"valid": True}}}
-    m, _ = best_measurement(metrics, "metrics/probe.json", ("map50",), False)
+    m, _ = best_measurement(metrics, "metrics/probe.json", ("detr.map50",), False)
     assert m.seeds == (0.847, 0.825) and m.ci95 == (0.83, 0.86)
     assert m.interval == pytest.approx((0.83 - 0.022, 0.86))
     # Inside the bootstrap interval a threshold of 0.82 passes; within the seeds' noise it is

@@ -24,10 +24,26 @@ def module_file(name: str) -> Path | None:
     return path.with_suffix(".py") if path.with_suffix(".py").exists() else None
 
 
+def is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in {"TYPE_CHECKING",
+                                                                   "typing.TYPE_CHECKING"}
+
+
+def runtime_nodes(tree: ast.AST):
+    """Every node of `tree` but those under `if TYPE_CHECKING:` (imports for annotations only,
+    never executed)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(child for child in ast.iter_child_nodes(node) if not is_type_checking(child))
+
+
 def imported_modules(path: Path) -> set[str]:
-    """vlmprobe modules `path` imports, at any depth of its code (lazy imports included)."""
+    """vlmprobe modules `path` imports when run, at any depth of its code (lazy imports
+    included; annotation-only imports under `if TYPE_CHECKING:` not)."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

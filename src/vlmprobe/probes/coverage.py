@@ -10,6 +10,7 @@ regression throws token positions away before it starts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -27,6 +28,7 @@ from vlmprobe.probes.detection import (
     invalid_result,
     require_finite_predictions,
 )
+from vlmprobe.probes.registry import ProbeResult, TokenSet
 from vlmprobe.probes.ridge import LinearMap, fit_ridge_stream
 
 
@@ -53,17 +55,33 @@ def coverage_targets(split: Split, geometry: TokenGeometry) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class RenderedCoverage:
+    """One image's predicted per-token coverage upsampled to pixels, with what every
+    threshold's decoding reads: each pixel's most covered class and that coverage."""
+
+    pixels: np.ndarray  # (H, W, C)
+    best: np.ndarray  # (H, W) class index
+    peak: np.ndarray  # (H, W)
+
+    @classmethod
+    def of(cls, coverage: np.ndarray, geometry: TokenGeometry) -> RenderedCoverage:
+        pixels = geometry.render(coverage)
+        return cls(pixels, pixels.argmax(axis=-1), pixels.max(axis=-1))
+
+
 def decode(
-    coverage: np.ndarray,
+    coverage: np.ndarray | RenderedCoverage,
     geometry: TokenGeometry,
     ids: list[int],
     threshold: float,
     min_component_px: int,
 ) -> Detections:
-    """Boxes from one image's predicted per-token coverage (T, C)."""
-    pixels = geometry.render(coverage)
-    best = pixels.argmax(axis=-1)
-    foreground = pixels.max(axis=-1) > threshold
+    """Boxes from one image's predicted per-token coverage (T, C), or its rendering."""
+    rendered = (coverage if isinstance(coverage, RenderedCoverage)
+                else RenderedCoverage.of(coverage, geometry))
+    pixels, best = rendered.pixels, rendered.best
+    foreground = rendered.peak > threshold
     boxes, labels, scores = [], [], []
     for c, category in enumerate(ids):
         components, _ = ndimage.label(foreground & (best == c))
@@ -88,19 +106,23 @@ def score_split(
     predicted: np.ndarray,
     split: Split,
     geometry: TokenGeometry,
-    threshold: float,
+    thresholds: list[float],
     min_component_px: int,
-) -> tuple[np.ndarray, np.ndarray, list[Detections]]:
-    """Per-image (paired IoU sum, slot count) and the decoded detections."""
+) -> dict[float, tuple[np.ndarray, np.ndarray, list[Detections]]]:
+    """Per threshold, per-image (paired IoU sum, slot count) and the decoded detections; each
+    image is rendered once for all thresholds."""
     ids = class_ids(split)
-    sums, denoms, detections = [], [], []
+    scored: dict[float, tuple[list, list, list]] = {t: ([], [], []) for t in thresholds}
     for coverage, gt in zip(predicted, split.boxes, strict=True):
-        found = decode(coverage, geometry, ids, threshold, min_component_px)
-        s, d = matched_iou(gt, found.boxes)
-        sums.append(s)
-        denoms.append(d)
-        detections.append(found)
-    return np.asarray(sums), np.asarray(denoms), detections
+        rendered = RenderedCoverage.of(coverage, geometry)
+        for threshold, (sums, denoms, detections) in scored.items():
+            found = decode(rendered, geometry, ids, threshold, min_component_px)
+            s, d = matched_iou(gt, found.boxes)
+            sums.append(s)
+            denoms.append(d)
+            detections.append(found)
+    return {t: (np.asarray(sums), np.asarray(denoms), detections)
+            for t, (sums, denoms, detections) in scored.items()}
 
 
 RIDGE_ROWS = 65536  # tokens per chunk of the normal equations (a chunk is whole images)
@@ -119,7 +141,7 @@ def run_bbox_probe(
     (N, T, C) coverage from the masks.
     Non-finite predicted coverage is an error of this probe: such a penalty is never chosen,
     and if every penalty or the test prediction is non-finite the metrics are only
-    `bbox_invalid` (the reason). Decoding would hide it (NaN > threshold is False).
+    `invalid` (the reason). Decoding would hide it (NaN > threshold is False).
     """
     features = {name: as_tokens(f) for name, f in features.items()}
     train, train_y = features["train"], targets["train"]
@@ -139,16 +161,14 @@ def run_bbox_probe(
         except NonFiniteDetections as e:
             failed = str(e)
             continue
-        for threshold in settings.thresholds:
-            sums, denoms, _ = score_split(
-                predicted, splits["val"], geometry, threshold, settings.min_component_px
-            )
+        scored = score_split(predicted, splits["val"], geometry, settings.thresholds,
+                             settings.min_component_px)
+        for threshold, (sums, denoms, _) in scored.items():
             score = ratio_of_sums(sums, denoms)
             if best is None or score > best[0]:
                 best = (score, alpha, threshold)
     if best is None:
-        return invalid_result("bbox", f"no ridge penalty gave finite coverage; the last: "
-                                      f"{failed}")
+        return invalid_result(f"no ridge penalty gave finite coverage; the last: {failed}")
     val_score, alpha, threshold = best
 
     test = splits["test"]
@@ -156,17 +176,16 @@ def run_bbox_probe(
     try:
         require_finite_predictions("bbox test coverage", {"coverage": list(predicted)})
     except NonFiniteDetections as e:
-        return invalid_result("bbox", str(e))
-    sums, denoms, detections = score_split(
-        predicted, test, geometry, threshold, settings.min_component_px
-    )
+        return invalid_result(str(e))
+    sums, denoms, detections = score_split(predicted, test, geometry, [threshold],
+                                           settings.min_component_px)[threshold]
     maps = coco_map(load_coco(test.coco_path), coco_detections(test, detections), test.image_ids)
     return {
-        "bbox_iou": ratio_of_sums(sums, denoms),
-        "bbox_iou_ci95": list(bootstrap_ci(sums, denoms, settings.bootstrap, settings.seed)),
-        "bbox_map50": maps["map50"],
-        "bbox_map": maps["map"],
-        "val_bbox_iou": val_score,
+        "iou": ratio_of_sums(sums, denoms),
+        "iou_ci95": list(bootstrap_ci(sums, denoms, settings.bootstrap, settings.seed)),
+        "map50": maps["map50"],
+        "map": maps["map"],
+        "val_iou": val_score,
         "selected": {"alpha": alpha, "threshold": threshold},
     }
 
@@ -176,3 +195,9 @@ def _predict(linear: LinearMap, tokens: Tokens) -> np.ndarray:
     _, t, d = tokens.shape
     return np.concatenate([linear(x.reshape(-1, d)).reshape(len(x), t, -1)
                            for _, x in chunks(tokens, max(1, RIDGE_ROWS // t))])
+
+
+def run(tokens: TokenSet, settings: ProbeSettings, curves_dir: Path) -> ProbeResult:
+    """The bbox probe as the registry runs it (`vlmprobe.probes.registry`)."""
+    return ProbeResult(run_bbox_probe(tokens.features, tokens.targets, tokens.splits,
+                                      tokens.geometry, settings))

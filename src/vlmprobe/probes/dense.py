@@ -40,6 +40,7 @@ from vlmprobe.probes.detection import (
     require_finite_predictions,
     split_targets,
 )
+from vlmprobe.probes.registry import ProbeResult, TokenSet
 from vlmprobe.probes.training import (
     DeviceBatches,
     Evaluation,
@@ -266,17 +267,23 @@ def run_dense_probe(
     settings: DenseSettings,
     curves_dir: Path,
 ) -> tuple[dict, list[Detections]]:
-    """Train on train, pick the checkpoint by val mAP@0.5, report test `dense_map50`,
-    `dense_map` (+ CIs). Returns the metrics and the test detections; a head whose
-    detections are not finite gives only `dense_invalid` (the reason) and no detections."""
+    """Train on train, pick the checkpoint by val mAP@0.5, report test `map50`, `map` (+ CIs).
+    Returns the metrics and the test detections; a head whose detections are not finite gives
+    only `invalid` (the reason) and no detections."""
     try:
         detector = train_dense_head(features, splits, geometry, settings, curves_dir)
         test_found = detector.detect(features["test"])
-        metrics = detection_scores(
-            splits["test"], test_found, "dense_", settings.bootstrap, settings.fit.seed
-        )
+        metrics = detection_scores(splits["test"], test_found, settings.bootstrap,
+                                   settings.fit.seed)
     except NonFiniteDetections as e:
-        return invalid_result("dense", str(e)), no_detections(features["test"].shape[0])
-    metrics["dense_val_map50"] = detector.val_map50
-    metrics["dense_selected_step"] = detector.selected_step
+        return invalid_result(str(e)), no_detections(features["test"].shape[0])
+    metrics["val_map50"] = detector.val_map50
+    metrics["selected_step"] = detector.selected_step
     return metrics, test_found
+
+
+def run(tokens: TokenSet, settings: DenseSettings, curves_dir: Path) -> ProbeResult:
+    """The dense probe as the registry runs it (`vlmprobe.probes.registry`)."""
+    metrics, found = run_dense_probe(tokens.features, tokens.splits, tokens.geometry, settings,
+                                     curves_dir)
+    return ProbeResult(metrics, detections=found)

@@ -68,10 +68,10 @@ def require_finite_detections(detections: list[Detections], what: str) -> None:
                                       "scores": [d.scores for d in detections]})
 
 
-def invalid_result(probe: str, reason: str) -> dict:
-    """The metrics of a probe that failed: its reason under `<probe>_invalid`, and no number
-    under any of its metric keys (so nothing downstream can take one as a result)."""
-    return {f"{probe}_invalid": reason}
+def invalid_result(reason: str) -> dict:
+    """The record of a probe that failed: its reason under `invalid`, and no number under any
+    of its metric keys (so nothing downstream can take one as a result)."""
+    return {"invalid": reason}
 
 
 def curve_values(**values: float | None) -> dict[str, float]:
@@ -119,10 +119,8 @@ def coco_detections(split: Split, detections: list[Detections]) -> list[dict]:
     ]
 
 
-def detection_scores(
-    split: Split, detections: list[Detections], prefix: str, n_boot: int, seed: int
-) -> dict:
-    """`<prefix>map50`, `<prefix>map` and their `_ci95` bootstrap intervals (pycocotools).
+def detection_scores(split: Split, detections: list[Detections], n_boot: int, seed: int) -> dict:
+    """`map50`, `map` and their `_ci95` bootstrap intervals (pycocotools).
 
     Raises NonFiniteDetections if a box or score is NaN or inf.
     """
@@ -131,7 +129,7 @@ def detection_scores(
         load_coco(split.coco_path), coco_detections(split, detections), split.image_ids,
         n_boot, seed,
     )
-    return {f"{prefix}{k}": v for k, v in result.items()}
+    return result
 
 
 def map50(split: Split, detections: list[Detections]) -> float:

@@ -44,6 +44,7 @@ from vlmprobe.probes.detection import (
     require_finite_predictions,
     split_targets,
 )
+from vlmprobe.probes.registry import ProbeResult, TokenSet
 from vlmprobe.probes.training import (
     DeviceBatches,
     Diverged,
@@ -267,7 +268,7 @@ def run_detr_probe(
 
     Returns the metrics and the test detections (for figures). A head whose detections are
     not finite is an error of this probe: its checkpoints are never selected, and if no
-    checkpoint or the test detections are not finite, the metrics are only `detr_invalid`
+    checkpoint or the test detections are not finite, the metrics are only `invalid`
     (the reason) and the detections empty.
     """
     ids = class_ids(splits["train"])
@@ -302,19 +303,26 @@ def run_detr_probe(
     fitted = fit(lambda: DetrProbe(x["train"].shape[-1], len(ids), settings),
                  len(targets), step_loss, evaluate, settings.fit, curves_dir, "detr")
     if fitted.score is None:
-        return (invalid_result("detr", f"no checkpoint gave finite validation detections; "
-                                       f"the last, {fitted.unscored}"),
+        return (invalid_result(f"no checkpoint gave finite validation detections; the last, "
+                                f"{fitted.unscored}"),
                 no_detections(len(x["test"])))
     fs = settings.fit
     with deterministic_torch(fs.seed, fs.threads, fs.device):
         test_found = predict(fitted.model, x["test"], token_pos_on_device, geometry.image_size,
                              ids)
     try:
-        metrics = detection_scores(splits["test"], test_found, "", settings.bootstrap, fs.seed)
+        metrics = detection_scores(splits["test"], test_found, settings.bootstrap, fs.seed)
     except NonFiniteDetections as e:
-        return invalid_result("detr", str(e)), no_detections(len(test_found))
+        return invalid_result(str(e)), no_detections(len(test_found))
     metrics["val_map50"] = fitted.score
-    metrics["detr_selected_step"] = fitted.step
+    metrics["selected_step"] = fitted.step
     if fitted.stopped:
-        metrics["detr_stopped"] = f"training stopped when the head diverged at {fitted.stopped}"
+        metrics["stopped"] = f"training stopped when the head diverged at {fitted.stopped}"
     return metrics, test_found
+
+
+def run(tokens: TokenSet, settings: DetrSettings, curves_dir: Path) -> ProbeResult:
+    """The DETR-style probe as the registry runs it (`vlmprobe.probes.registry`)."""
+    metrics, found = run_detr_probe(tokens.features, tokens.splits, tokens.geometry, settings,
+                                    curves_dir)
+    return ProbeResult(metrics, detections=found)

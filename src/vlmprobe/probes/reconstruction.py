@@ -33,6 +33,7 @@ from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.extract.tokens import Tokens
 from vlmprobe.metrics.boxes import bootstrap_ci, ratio_of_sums
 from vlmprobe.metrics.image import Lpips, edge_f1, spatial_iou, ssim
+from vlmprobe.probes.registry import ProbeResult, TokenSet
 from vlmprobe.probes.training import (
     DeviceBatches,
     Evaluation,
@@ -194,6 +195,13 @@ def run_reconstruction_probe(
 
     with deterministic_torch(fs.seed, fs.threads, fs.device):
         metrics = image_scores(test_chunks(), splits["test"], lpips, settings.scores)
-    metrics["reconstruction_val_l1"] = fitted.score
-    metrics["reconstruction_selected_step"] = fitted.step
+    metrics["val_l1"] = fitted.score
+    metrics["selected_step"] = fitted.step
     return metrics, kept[0]
+
+
+def run(tokens: TokenSet, settings: ReconstructionSettings, curves_dir: Path) -> ProbeResult:
+    """The reconstruction decoder as the registry runs it (`vlmprobe.probes.registry`)."""
+    metrics, kept = run_reconstruction_probe(tokens.features, tokens.splits, tokens.geometry,
+                                             tokens.lpips(), settings, curves_dir)
+    return ProbeResult(metrics, reconstructions=kept)

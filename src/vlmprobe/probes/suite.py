@@ -15,14 +15,13 @@ from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.extract.tokens import Tokens
 from vlmprobe.metrics.image import Lpips
-from vlmprobe.probes.coverage import ProbeSettings, run_bbox_probe
-from vlmprobe.probes.dense import DenseSettings, run_dense_probe
+from vlmprobe.probes.coverage import ProbeSettings
+from vlmprobe.probes.dense import DenseSettings
 from vlmprobe.probes.detection import Detections
-from vlmprobe.probes.detr import DetrSettings, run_detr_probe
-from vlmprobe.probes.reconstruction import ReconstructionSettings, run_reconstruction_probe
-from vlmprobe.probes.validity import CONTROLLED, Band, probe_validity
-
-TOKEN_PROBES = ("bbox", "dense", "detr", "reconstruction")  # probes on single-image tokens
+from vlmprobe.probes.detr import DetrSettings
+from vlmprobe.probes.reconstruction import ReconstructionSettings
+from vlmprobe.probes.registry import PROBES, TokenSet
+from vlmprobe.probes.validity import Band, probe_validity
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class Suite:
         return self._lpips
 
     def _timed(self, key: str, fn: Callable, *args):
-        cuda = torch.cuda.is_available()
+        cuda = self.settings.dense.fit.device.type == "cuda"  # one probe.device for all
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -73,54 +72,45 @@ class Suite:
         self, name: str, features: dict[str, Tokens], targets: dict[str, np.ndarray],
         geometry: TokenGeometry, probes: set[str], seeds: int = 1,
     ) -> tuple[dict, Artifacts]:
-        """Every probe in `probes` on one set of tokens (a point or a control) named `name`.
+        """Every probe in `probes` (registry order) on one set of tokens (a point or a control)
+        named `name`: `{probe: record}` and the figures' artifacts.
 
         With `seeds` > 1 each trained probe is trained again with seeds seed + 1, ...: its
-        headline metric's values go beside it as `<metric>_seeds` (the first is the reported
-        run's) and their range as `<metric>_seed_range`. Training noise is not in the
+        headline's values go in its record as `<headline>_seeds` (the first is the reported
+        run's) and their range as `<headline>_seed_range`. Training noise is not in the
         bootstrap interval, which resamples test images only.
         """
-        s = self.settings
-        metrics: dict = {}
+        tokens = TokenSet(name, features, targets, self.splits, geometry, self.lpips)
+        records: dict = {}
         artifacts = Artifacts()
-        if "bbox" in probes:
-            metrics.update(self._timed(f"bbox/{name}", lambda: run_bbox_probe(
-                features, targets, self.splits, geometry, s.bbox)))
-        trained = {
-            "dense": lambda settings, curves: run_dense_probe(
-                features, self.splits, geometry, settings, curves),
-            "detr": lambda settings, curves: run_detr_probe(
-                features, self.splits, geometry, settings, curves),
-            "reconstruction": lambda settings, curves: run_reconstruction_probe(
-                features, self.splits, geometry, self.lpips(), settings, curves),
-        }
-        for probe, train in trained.items():
-            if probe not in probes:
+        for probe in (p for p in PROBES.values() if p.name in probes):
+            settings = getattr(self.settings, probe.name)
+            curves = self.curves_dir / probe.name / name
+            result = self._timed(f"{probe.name}/{name}", probe.run, tokens, settings, curves)
+            records[probe.name] = result.metrics
+            if result.detections is not None:
+                artifacts.detections[probe.name] = result.detections
+            if result.reconstructions is not None:
+                artifacts.reconstructions = result.reconstructions
+            if not probe.trained or seeds == 1:
                 continue
-            settings = getattr(s, probe)
-            found, artifact = self._timed(f"{probe}/{name}", train, settings,
-                                          self.curves_dir / probe / name)
-            metrics.update(found)
-            if probe == "reconstruction":
-                artifacts.reconstructions = artifact
-            else:
-                artifacts.detections[probe] = artifact
-            metric = CONTROLLED[probe][0]
-            values = [found.get(metric)]
+            values = [result.metrics.get(probe.headline)]
             for extra in range(1, seeds):
                 seed = settings.fit.seed + extra
                 reseeded = replace(settings, fit=replace(settings.fit, seed=seed))
-                again, _ = self._timed(f"{probe}/{name}/seed{seed}", train, reseeded,
-                                       self.curves_dir / probe / f"{name}-seed{seed}")
-                values.append(again.get(metric))
-            if seeds > 1 and all(isinstance(v, float | int) for v in values):
-                metrics[f"{metric}_seeds"] = values
-                metrics[f"{metric}_seed_range"] = max(values) - min(values)
-        return metrics, artifacts
+                again = self._timed(f"{probe.name}/{name}/seed{seed}", probe.run, tokens,
+                                    reseeded, self.curves_dir / probe.name / f"{name}-seed{seed}")
+                values.append(again.metrics.get(probe.headline))
+            if all(isinstance(v, float | int) for v in values):
+                result.metrics[f"{probe.headline}_seeds"] = values
+                result.metrics[f"{probe.headline}_seed_range"] = max(values) - min(values)
+        return records, artifacts
 
     def validity(self, controls: dict[str, dict], probes_run: set[str]) -> dict:
+        """One verdict per probe run, from its records on the controls."""
         return {
-            probe: probe_validity(probe, controls, band)
+            probe: probe_validity(probe, {c: r.get(probe, {}) for c, r in controls.items()},
+                                  band)
             for probe, band in self.settings.bands.items()
             if probe in probes_run
         }

@@ -160,8 +160,8 @@ def run_temporal_probe(
     return {
         "direction_acc": float(correct.mean()),
         "direction_acc_ci95": list(bootstrap_ci(correct, ones, settings.bootstrap, settings.seed)),
-        "direction_val_acc": val,
-        "direction_selected": {readout_name: alpha, "penalty": c},
+        "val_direction_acc": val,
+        "selected": {readout_name: alpha, "penalty": c},
     }
 
 
@@ -206,11 +206,11 @@ class ClipData:
 
 
 def run_temporal(
-    clips: ClipData, points: dict[str, dict], controls: dict[str, dict],
-    settings: TemporalSettings, control_names: list[str], oracle_dim: int, oracle_noise: float,
-) -> None:
-    """The direction probe at every point of the clip store and on `control_names`; results are
-    merged into `points[point]` and `controls[name]`."""
+    clips: ClipData, settings: TemporalSettings, control_names: list[str], oracle_dim: int,
+    oracle_noise: float,
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The direction probe at every point of the clip store and on `control_names`: its
+    records by point and by control."""
     directions = {s: clips.directions[ids] for s, ids in clips.splits.items()}
     reference = clips.store.points[-1]
     geometry = clips.store.geometry(reference)
@@ -240,8 +240,8 @@ def run_temporal(
         readouts = fit_readouts(load, target, clips.splits["train"], settings)
         return run_temporal_probe(pooled, directions, readouts, settings)
 
-    for point in tqdm(clips.store.points, desc="temporal", unit="point"):
-        points.setdefault(point, {}).update(probe(clips.tokens(point), clips.store.geometry(point)))
+    points = {point: probe(clips.tokens(point), clips.store.geometry(point))
+              for point in tqdm(clips.store.points, desc="temporal", unit="point")}
 
     def oracle(ids: np.ndarray) -> np.ndarray:
         c = coverage[ids]
@@ -264,5 +264,4 @@ def run_temporal(
     loaders = {"oracle": lambda: oracle, "oracle_shuffled": lambda: shuffled(oracle),
                "shuffled": lambda: shuffled(clips.tokens(reference)), "pixels": lambda: pixels}
     frames = clips.frames() if "pixels" in control_names else None
-    for name in control_names:
-        controls.setdefault(name, {}).update(probe(loaders[name](), geometry))
+    return points, {name: probe(loaders[name](), geometry) for name in control_names}

@@ -210,8 +210,11 @@ def device_images(images: np.ndarray, device: torch.device) -> DeviceBatches:
 
 
 def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1] (on the tensor's device)."""
-    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
+    """(N, H, W, 3) uint8 (an array, a list of images, a tensor) -> (N, 3, H, W) float in
+    [0, 1] (on the tensor's device)."""
+    if not isinstance(images, torch.Tensor):
+        images = torch.from_numpy(np.ascontiguousarray(np.asarray(images)))
+    return images.permute(0, 3, 1, 2).float() / 255.0
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

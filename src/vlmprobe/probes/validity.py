@@ -6,15 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlmprobe.params import require_float
-
-# probe -> (its headline metric, positive control, negative control)
-CONTROLLED: dict[str, tuple[str, str, str]] = {
-    "bbox": ("bbox_iou", "oracle", "oracle_shuffled"),
-    "detr": ("map50", "oracle", "oracle_shuffled"),
-    "dense": ("dense_map50", "oracle", "oracle_shuffled"),
-    "temporal": ("direction_acc", "oracle", "oracle_shuffled"),
-    "reconstruction": ("spatial_iou", "pixels", "shuffled"),
-}
+from vlmprobe.probes.registry import PROBES
 
 
 @dataclass(frozen=True)
@@ -34,14 +26,15 @@ def require_band(params: dict, probe: str) -> Band:
 
 
 def probe_validity(probe: str, controls: dict[str, dict], band: Band) -> dict:
-    """The verdict on one probe from its controls' metrics (`controls[name][metric]`)."""
-    metric, positive, negative = CONTROLLED[probe]
+    """The verdict on one probe from its records on the controls (`controls[name]`: the
+    probe's metrics on control `name`, as `vlmprobe.probes.registry` nests them)."""
+    spec = PROBES[probe]
+    metric, positive, negative = spec.headline, spec.positive, spec.negative
     pos = controls.get(positive, {}).get(metric)
     neg = controls.get(negative, {}).get(metric)
     # A control on which the probe itself failed (e.g. non-finite boxes) carries the reason
-    # under `<probe>_invalid` and no metric: the probe is broken there, not merely not run.
-    failed = {name: controls.get(name, {}).get(f"{probe}_invalid")
-              for name in (positive, negative)}
+    # under `invalid` and no metric: the probe is broken there, not merely not run.
+    failed = {name: controls.get(name, {}).get("invalid") for name in (positive, negative)}
     failed = {name: why for name, why in failed.items() if why}
     verdict = {
         "metric": metric,

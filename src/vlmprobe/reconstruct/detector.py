@@ -101,4 +101,4 @@ class ImageDetector:
             raise RuntimeError("ImageDetector.score before train")
         found = self.head.detect(self.tokens(images, label))
         dense = self.settings.dense
-        return detection_scores(split, found, "", dense.bootstrap, dense.fit.seed)
+        return detection_scores(split, found, dense.bootstrap, dense.fit.seed)

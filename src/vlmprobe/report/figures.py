@@ -26,27 +26,29 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def metrics_by_point(metrics: dict, panels: dict[str, str], title: str, path: Path) -> None:
-    """One panel per metric: value with its 95% interval across extraction points (where the
-    probe ran), the controls as horizontal reference lines."""
+def metrics_by_point(metrics: dict, panels: dict[tuple[str, str], str], title: str,
+                     path: Path) -> None:
+    """One panel per (probe, metric) of metrics/probe.json: value with its 95% interval across
+    extraction points (where the probe ran), the controls as horizontal reference lines."""
     cols = 3
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=90, squeeze=False)
     points = metrics["points"]
-    for ax, (metric, label) in zip(axes.flat, panels.items(), strict=False):
-        names = [n for n in points if metric in points[n]]
-        if names:
-            values = np.array([points[n][metric] for n in names])
-            ci = np.array([points[n].get(f"{metric}_ci95", [v, v])
+    for ax, ((probe, metric), label) in zip(axes.flat, panels.items(), strict=False):
+        found = {n: r[probe] for n, r in points.items() if metric in r.get(probe, {})}
+        if found:
+            names = list(found)
+            values = np.array([found[n][metric] for n in names])
+            ci = np.array([found[n].get(f"{metric}_ci95", [v, v])
                            for n, v in zip(names, values, strict=True)])
             ax.errorbar(names, values, yerr=[values - ci[:, 0], ci[:, 1] - values], fmt="o-",
                         capsize=3, label="model")
         else:
             ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
         for name, m in metrics["controls"].items():
-            if metric in m:
-                ax.axhline(m[metric], ls="--", lw=1, color=CONTROL_COLOURS.get(name, "black"),
-                           label=name)
+            if metric in m.get(probe, {}):
+                ax.axhline(m[probe][metric], ls="--", lw=1,
+                           color=CONTROL_COLOURS.get(name, "black"), label=name)
         ax.set_ylim(0, 1)
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelsize=7, rotation=30)

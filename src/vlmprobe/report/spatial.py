@@ -8,31 +8,17 @@ from typing import Any
 
 import yaml
 
+from vlmprobe.probes.registry import PROBES, measuring
+
 PLAN_FILE = Path(__file__).parent / "plan.yaml"
 
-# metric -> (column label, probe that produces it); in table order.
-COLUMNS: dict[str, tuple[str, str]] = {
-    "bbox_iou": ("bbox IoU", "bbox"),
-    "map50": ("mAP@0.5 (DETR)", "detr"),
-    "map": ("mAP (DETR)", "detr"),
-    "dense_map50": ("mAP@0.5 (dense)", "dense"),
-    "lpips": ("LPIPS", "reconstruction"),
-    "ssim": ("SSIM", "reconstruction"),
-    "edge_f1": ("edge F1", "reconstruction"),
-    "spatial_iou": ("spatial IoU", "reconstruction"),
-    "direction_acc": ("direction acc.", "temporal"),
+# (probe, metric) -> column label, in table order: every registered probe's columns but the
+# DETR-style probe's mAP@[.5:.95] (in the CSV and the metrics, not the plan's tables).
+COLUMNS: dict[tuple[str, str], str] = {
+    (p.name, metric): label for p in PROBES.values() for metric, label in p.columns.items()
+    if (p.name, metric) not in {("detr", "map"), ("bbox", "map50")}
 }
 BAND_MARKS = {"target": "T", "acceptable": "A", "marginal": "M", "fail": "F"}
-PROBE_CAPACITY = {
-    "bbox": "per-token ridge map to class coverage, decoded to boxes (closed form)",
-    "detr": "DETR-style: MLP token projection, learned queries with grid reference boxes, "
-            "2-D sine positions, Hungarian loss (see vlmprobe.probes.detr)",
-    "dense": "conv head on the token grid (per-token class, centre-ness, box), NMS "
-             "(see vlmprobe.probes.dense)",
-    "reconstruction": "conv decoder on the token grid to 224x224 pixels "
-                      "(see vlmprobe.probes.reconstruction)",
-    "temporal": "logistic regression on frame-token spatial moments (see vlmprobe.probes.temporal)",
-}
 
 
 # metrics/ground.json (the `ground` stage) -> label, in report order.
@@ -93,35 +79,38 @@ def band(metric: str, value: float, bands: dict[str, dict]) -> str:
     return "fail"
 
 
-def band_of(metric: str, value: float, p: dict[str, Any]) -> str | None:
-    key = p.get("band_of", {}).get(metric, metric)
-    return band(key, value, p["bands"]) if key in p["bands"] else None
+def band_of(probe: str, metric: str, value: float, p: dict[str, Any]) -> str | None:
+    """The plan's band of a probe's metric, by the plan quantity it measures (None: the plan
+    sets no band for it)."""
+    quantity = PROBES[probe].quantities.get(metric)
+    return band(quantity, value, p["bands"]) if quantity in p["bands"] else None
 
 
-def best_point(points: dict[str, dict], metric: str, higher: bool) -> str | None:
-    having = [n for n in points if metric in points[n]]
-    if not having:
-        return None
-    pick = max if higher else min
-    return pick(having, key=lambda n: points[n][metric])
+def value_at(records: dict[str, dict], name: str, probe: str, metric: str) -> Any:
+    return records[name].get(probe, {}).get(metric)
 
 
 def go_no_go(metrics: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
-    """The plan's E-P4.4 proceed thresholds at each metric's best point, from valid probes only."""
+    """The plan's E-P4.4 proceed thresholds on each quantity at its best point, from valid
+    probes only (where two probes measure a quantity, the better valid value)."""
     checks, verdict = {}, "GO"
-    validity = metrics["validity"]
-    for metric, rule in p["go_no_go"].items():
-        probe = COLUMNS[metric][1]
-        point = best_point(metrics["points"], metric, rule["higher"])
-        if point is None or not validity.get(probe, {}).get("valid", False):
-            why = "not run" if point is None else f"{probe} probe invalid for this run"
-            checks[metric] = {"status": "no decision", "why": why}
+    validity, points = metrics["validity"], metrics["points"]
+    for quantity, rule in p["go_no_go"].items():
+        pick = max if rule["higher"] else min
+        measured = [(value_at(points, point, probe, metric), point, probe)
+                    for probe, metric in measuring(quantity) for point in points
+                    if isinstance(value_at(points, point, probe, metric), int | float)]
+        valid = [m for m in measured if validity.get(m[2], {}).get("valid") is True]
+        if not valid:
+            why = ("not run" if not measured else
+                   f"{', '.join(sorted({m[2] for m in measured}))} probe invalid for this run")
+            checks[quantity] = {"status": "no decision", "why": why}
             verdict = "NO DECISION" if verdict != "NO-GO" else verdict
             continue
-        value = metrics["points"][point][metric]
+        value, point, probe = pick(valid, key=lambda m: m[0])
         passed = value > rule["threshold"] if rule["higher"] else value < rule["threshold"]
-        checks[metric] = {"status": "pass" if passed else "fail", "point": point, "value": value,
-                          "threshold": rule["threshold"]}
+        checks[quantity] = {"status": "pass" if passed else "fail", "point": point,
+                            "probe": probe, "value": value, "threshold": rule["threshold"]}
         if not passed:
             verdict = "NO-GO"
     return {"verdict": verdict, "checks": checks}
@@ -136,13 +125,16 @@ def spatial_summary(metrics: dict[str, Any], ground: dict[str, Any] | None = Non
     baseline = p["baselines"]["qwen2_5_vl"]
 
     def cells(m: dict) -> dict:
-        out = {}
-        for metric in COLUMNS:
-            if metric in m:
-                out[metric] = {"value": m[metric], "ci95": m.get(f"{metric}_ci95")}
-                b = band_of(metric, m[metric], p)
+        """{probe: {metric: {value, ci95, band}}} for the table's metrics that ran."""
+        out: dict[str, dict] = {}
+        for probe, metric in COLUMNS:
+            record = m.get(probe, {})
+            if metric in record:
+                cell = {"value": record[metric], "ci95": record.get(f"{metric}_ci95")}
+                b = band_of(probe, metric, record[metric], p)
                 if b:
-                    out[metric]["band"] = b
+                    cell["band"] = b
+                out.setdefault(probe, {})[metric] = cell
         return out
 
     return {
@@ -150,9 +142,10 @@ def spatial_summary(metrics: dict[str, Any], ground: dict[str, Any] | None = Non
         "registry_entry": metrics["meta"]["vlm"],
         "weights_source": metrics["meta"]["weights_source"],
         "dataset": {k: metrics["meta"][k] for k in ("n_train", "n_val", "n_test")},
-        "probes": {name: {"capacity": cap, "valid": metrics["validity"].get(name, {}).get("valid"),
+        "probes": {name: {"capacity": probe.capacity,
+                          "valid": metrics["validity"].get(name, {}).get("valid"),
                           "controls": metrics["validity"].get(name, {}).get("reason", "not run")}
-                   for name, cap in PROBE_CAPACITY.items()},
+                   for name, probe in PROBES.items()},
         "points": {name: cells(m) for name, m in points.items()},
         "controls": {name: cells(m) for name, m in controls.items()},
         "go_no_go": go_no_go(metrics, p),
@@ -165,15 +158,16 @@ def spatial_summary(metrics: dict[str, Any], ground: dict[str, Any] | None = Non
     }
 
 
-def _cell(m: dict, metric: str, p: dict | None, invalid: bool) -> str:
+def _cell(m: dict, probe: str, metric: str, p: dict | None, invalid: bool) -> str:
     """Value [95% CI], the plan band's mark (when `p` is given) and the validity flag."""
-    if metric not in m:
+    record = m.get(probe, {})
+    if metric not in record:
         return "-"
-    text = f"{m[metric]:.3f}"
-    if f"{metric}_ci95" in m:
-        lo, hi = m[f"{metric}_ci95"]
+    text = f"{record[metric]:.3f}"
+    if f"{metric}_ci95" in record:
+        lo, hi = record[f"{metric}_ci95"]
         text += f" [{lo:.2f}, {hi:.2f}]"
-    b = band_of(metric, m[metric], p) if p else None
+    b = band_of(probe, metric, record[metric], p) if p else None
     if b:
         text += f" **{BAND_MARKS[b]}**"
     if invalid:
@@ -182,11 +176,11 @@ def _cell(m: dict, metric: str, p: dict | None, invalid: bool) -> str:
 
 
 def _table(rows: dict[str, dict], p: dict | None, invalid: set[str], first: str) -> list[str]:
-    metrics = [k for k in COLUMNS if any(k in m for m in rows.values())]
-    lines = [f"| {first} | " + " | ".join(COLUMNS[k][0] for k in metrics) + " |",
+    metrics = [k for k in COLUMNS if any(k[1] in m.get(k[0], {}) for m in rows.values())]
+    lines = [f"| {first} | " + " | ".join(COLUMNS[k] for k in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
     for name, m in rows.items():
-        row = [_cell(m, k, p, COLUMNS[k][1] in invalid) for k in metrics]
+        row = [_cell(m, probe, metric, p, probe in invalid) for probe, metric in metrics]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     return lines
 

@@ -3,8 +3,8 @@
 Where each quantity comes from (first source that has it; per-point metrics at the best point):
 - spatial_iou, lpips, ssim: `metrics/reconstruct.json` (E-P4.6), else the reconstruction probe in
   `metrics/probe.json` (E-P4.1 step 4). The source is recorded beside the value.
-- bbox_iou: `metrics/probe.json` bbox probe; map50: the DETR-style (`map50`) or dense
-  (`dense_map50`) detection probe, whichever is better; direction_acc: the temporal probe.
+- bbox_iou, map50, direction_acc: the probes that measure them in `metrics/probe.json`
+  (`vlmprobe.probes.registry`: bbox; DETR-style or dense, whichever is better; temporal).
 - cka (the align stage's `cka_linear`), spearman, r2, recall_at_10: `metrics/align.json`.
 - vqa_acc: `metrics/ground.json` (the semantic check, recorded; H-P4's "> 95% of Qwen2.5-VL's
   VQA" needs a Qwen2.5-VL run beside it and is not judged here).
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vlmprobe.models.registry import RegistryEntry, RegistryError
-from vlmprobe.report.spatial import COLUMNS
+from vlmprobe.probes.registry import PROBES, measuring
 from vlmprobe.select.criteria import Measurement
 from vlmprobe.select.score import COMPLEXITY_LEVELS
 
@@ -35,14 +35,22 @@ METRICS_FILES = {
     "extract": "metrics/extract.json",
     "ground": "metrics/ground.json",
 }
-# quantity -> (metrics file, metric keys), tried in order; and whether higher is better.
+
+
+def probe_keys(quantity: str) -> tuple[str, ...]:
+    """The metric keys (`<probe>.<metric>`) in metrics/probe.json that measure `quantity`."""
+    return tuple(f"{probe}.{metric}" for probe, metric in measuring(quantity))
+
+
+# quantity -> (metrics file, metric keys), tried in order; a dotted key is nested
+# (`<probe>.<metric>` in a point's record). And whether higher is better.
 SOURCES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    "spatial_iou": (("reconstruct", ("spatial_iou",)), ("probe", ("spatial_iou",))),
-    "lpips": (("reconstruct", ("lpips",)), ("probe", ("lpips",))),
-    "ssim": (("reconstruct", ("ssim",)), ("probe", ("ssim",))),
-    "bbox_iou": (("probe", ("bbox_iou",)),),
-    "map50": (("probe", ("map50", "dense_map50")),),
-    "direction_acc": (("probe", ("direction_acc",)),),
+    "spatial_iou": (("reconstruct", ("spatial_iou",)), ("probe", probe_keys("spatial_iou"))),
+    "lpips": (("reconstruct", ("lpips",)), ("probe", probe_keys("lpips"))),
+    "ssim": (("reconstruct", ("ssim",)), ("probe", probe_keys("ssim"))),
+    "bbox_iou": (("probe", probe_keys("bbox_iou")),),
+    "map50": (("probe", probe_keys("map50")),),
+    "direction_acc": (("probe", probe_keys("direction_acc")),),
     "cka": (("align", ("cka_linear",)),),  # the align stage's headline CKA (debiased linear)
     "spearman": (("align", ("spearman",)),),
     "r2": (("align", ("r2",)),),
@@ -68,21 +76,31 @@ class Run:
     complexity: str | None = None  # declared level
 
 
-def _producer(metric: str) -> str | None:
-    return COLUMNS[metric][1] if metric in COLUMNS else None
+def producer(key: str) -> str | None:
+    """The probe whose validity governs metric `key`: a nested key's probe; a flat key (the
+    reconstruct stage's `spatial_iou`, ...) the probe that reports that metric."""
+    if "." in key:
+        return key.split(".")[0]
+    return next((p.name for p in PROBES.values() if key in p.quantities), None)
 
 
-def invalid_reason(metrics: dict[str, Any], metric: str) -> str | None:
-    """Why `metric` in this file may not be used (its probe failed its controls), else None."""
+def invalid_reason(metrics: dict[str, Any], key: str) -> str | None:
+    """Why `key` in this file may not be used (its probe failed its controls), else None."""
     validity = metrics.get("validity")
-    if not isinstance(validity, dict):
-        return None
-    for probe, verdict in validity.items():
-        if not isinstance(verdict, dict) or verdict.get("valid") is not False:
-            continue
-        if probe == _producer(metric) or verdict.get("metric") == metric:
-            return f"{probe} probe invalid: {verdict.get('reason', 'controls missed their bands')}"
+    verdict = validity.get(producer(key)) if isinstance(validity, dict) else None
+    if isinstance(verdict, dict) and verdict.get("valid") is False:
+        return (f"{producer(key)} probe invalid: "
+                f"{verdict.get('reason', 'controls missed their bands')}")
     return None
+
+
+def _at(record: dict[str, Any], key: str) -> dict[str, Any]:
+    """The record that holds the last part of dotted `key` (empty where absent)."""
+    for part in key.split(".")[:-1]:
+        record = record.get(part)
+        if not isinstance(record, dict):
+            return {}
+    return record
 
 
 def _ci(record: dict[str, Any], metric: str) -> tuple[float, float] | None:
@@ -121,10 +139,12 @@ def best_measurement(metrics: dict[str, Any], path: str, keys: tuple[str, ...],
         if reason:
             reasons.append(reason)
             continue
+        metric = key.split(".")[-1]
         for label, record in _records(metrics):
-            if _is_number(record.get(key)):
-                candidates.append(Measurement(float(record[key]), _ci(record, key),
-                                              f"{path} {label}{key}", _seeds(record, key)))
+            holder = _at(record, key)
+            if _is_number(holder.get(metric)):
+                candidates.append(Measurement(float(holder[metric]), _ci(holder, metric),
+                                              f"{path} {label}{key}", _seeds(holder, metric)))
     if not candidates:
         skipped = metrics.get("not_applicable")
         why = f" ({'; '.join(sorted(set(skipped.values())))})" if isinstance(skipped, dict) \

@@ -38,15 +38,14 @@ from vlmprobe.probes.coverage import ProbeSettings, coverage_targets
 from vlmprobe.probes.dense import DenseSettings
 from vlmprobe.probes.detr import DetrSettings
 from vlmprobe.probes.reconstruction import ReconstructionSettings, ScoreSettings
+from vlmprobe.probes.registry import CONTROLS, PROBES, TRAINED, column_name
 from vlmprobe.probes.suite import Suite, SuiteSettings
 from vlmprobe.probes.temporal import ClipData, TemporalSettings, run_temporal
 from vlmprobe.probes.training import FitSettings
-from vlmprobe.probes.validity import CONTROLLED, require_band
+from vlmprobe.probes.validity import require_band
 from vlmprobe.report.figures import box_samples, reconstruction_samples
 
 PARAMS = ("probe",)
-CONTROLS = ("oracle", "oracle_shuffled", "shuffled", "pixels")
-TRAINED = ("dense", "detr", "reconstruction")
 LPIPS_NETS = ("alex", "vgg")
 
 
@@ -118,7 +117,7 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
                 seed=seed,
             ),
         ),
-        bands={probe: require_band(params, probe) for probe in CONTROLLED},
+        bands={probe: require_band(params, probe) for probe in PROBES},
         lpips_net=require_choice(params, f"{rec}.lpips_net", LPIPS_NETS),
     )
     return {
@@ -148,21 +147,21 @@ def per_split(fn, splits: dict[str, Split]) -> dict:
     return {name: fn(i, split) for i, (name, split) in enumerate(splits.items())}
 
 
-CSV_METRICS = ("bbox_iou", "bbox_map50", "map50", "dense_map50", "lpips", "ssim", "edge_f1",
-               "spatial_iou", "direction_acc")
-
-
 def points_csv(points: dict, controls: dict) -> str:
-    """The layer-by-layer table as a DVC plot source: one row per point or control; empty cells
-    where a probe did not run."""
+    """The layer-by-layer table as a DVC plot source: one row per point or control, a column
+    per probe metric (`<probe>_<metric>`, registry order) and the bbox IoU's interval; empty
+    cells where a probe did not run."""
+    columns = [(p.name, metric) for p in PROBES.values() for metric in p.columns]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["order", "name", "kind", *CSV_METRICS, "ci95_lo", "ci95_hi"])
+    writer.writerow(["order", "name", "kind", *(column_name(*c) for c in columns),
+                     "ci95_lo", "ci95_hi"])
     rows = [(name, "point", m) for name, m in points.items()]
     rows += [(name, "control", m) for name, m in controls.items()]
     for order, (name, kind, m) in enumerate(rows):
-        lo, hi = m.get("bbox_iou_ci95", ("", ""))  # absent where the bbox probe failed
-        writer.writerow([order, name, kind, *(m.get(k, "") for k in CSV_METRICS), lo, hi])
+        values = [m.get(probe, {}).get(metric, "") for probe, metric in columns]
+        lo, hi = m.get("bbox", {}).get("iou_ci95", ("", ""))  # absent where bbox failed
+        writer.writerow([order, name, kind, *values, lo, hi])
     return buf.getvalue()
 
 
@@ -225,8 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     if (args.clip_features / "manifest.json").exists():
         clips = ClipData.load(args.clips, FeatureStore.open(args.clip_features))
         start = time.perf_counter()
-        run_temporal(clips, points, controls, config["temporal"], config["temporal_controls"],
-                     config["oracle_dim"], config["temporal_oracle_noise"])
+        by_point, by_control = run_temporal(
+            clips, config["temporal"], config["temporal_controls"], config["oracle_dim"],
+            config["temporal_oracle_noise"])
+        for records, found in ((points, by_point), (controls, by_control)):
+            for name, record in found.items():
+                records.setdefault(name, {})["temporal"] = record
         suite.timings["temporal"] = time.perf_counter() - start
         probes_run.add("temporal")
     else:

@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         raise StaleInput(f"{args.ground} is for {ground['meta']['vlm']!r}, {args.metrics} for "
                          f"{vlm!r}. Fix: `dvc repro` (it re-runs the stale stage first).")
     summary = spatial_summary(metrics, ground)
-    panels = {k: label for k, (label, _) in COLUMNS.items() if k != "map"}
-    metrics_by_point(metrics, panels, f"{summary['model']}: spatial probes by point", args.figure)
+    metrics_by_point(metrics, COLUMNS, f"{summary['model']}: spatial probes by point", args.figure)
     figures = {
         "metrics by extraction point": args.figure,
         "predicted vs ground-truth boxes": args.probe_plots / "boxes.png",
