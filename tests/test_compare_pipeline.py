@@ -20,10 +20,12 @@ def tiny_entry(project) -> str:
 
 
 def test_three_experiments_then_compare_and_pr_report(tmp_path):
-    # The plan's tables must say "not measured" for what the quick params leave out.
+    # The plan's tables must say "not measured" for what the quick params leave out. Two
+    # generating tiny models (Qwen2.5-VL's and another family's) for H-P4's VQA ratio.
     project = make_project(tmp_path / "project", QUICK_PARAMS)
     tiny = tiny_entry(project)
-    for vlm in ("pixels", "dinov2_small", tiny):
+    qwen = "qwen2_5_vl_tiny"
+    for vlm in ("pixels", qwen, tiny):
         run(["dvc", "exp", "run", "-n", vlm.replace("_", "-"), "-S", f"vlm={vlm}"], project)
 
     selected = json.loads((project / "metrics/select.json").read_text())
@@ -36,9 +38,19 @@ def test_three_experiments_then_compare_and_pr_report(tmp_path):
                  "final-recommendation.md"):
         assert (results / name).stat().st_size > 200
     summary = (results / "phase1-summary.md").read_text()
-    assert f"| 1 | `{tiny.replace('_', '-')}` |" in summary  # the only candidate (kind vlm)
+    ranked = summary.split("## Ranked candidates")[1].split("## Other runs")[0]
+    for candidate in (tiny, qwen):  # kind vlm; the control (pixels) is not ranked
+        assert f"`{candidate.replace('_', '-')}` |" in ranked
+    # H-P4: the other generating run's VQA accuracy over Qwen2.5-VL's, paired by question (the
+    # random tiny models may answer nothing right: then it says so instead of a ratio).
+    hp4 = summary.split("## H-P4: VQA accuracy against Qwen2.5-VL")[1]
+    assert f"over `{qwen.replace('_', '-')}`'s" in hp4
+    tiny_run = tiny.replace("_", "-")
+    row = next(line for line in hp4.splitlines() if line.startswith(f"| `{tiny_run}`"))
+    assert row.endswith(("| pass |", "| fail |", "| undecided |")) or "not measured: " in row
     final = (results / "final-recommendation.md").read_text()
-    for run_name in ("pixels", "dinov2-small"):
+    assert "## H-P4: VQA accuracy against Qwen2.5-VL" in final
+    for run_name in ("pixels", qwen.replace("_", "-")):
         assert f"`{run_name}`" in final
     assert "Qwen2.5-VL (plan figures)" in final
     assert "not decided: not measured" in final  # no spatial IoU measured: nothing guessed

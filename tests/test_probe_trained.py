@@ -189,3 +189,9 @@ def test_fit_keep_last_and_a_diverged_step_stop_training(tmp_path):
     stopped, seen = _fit_scripted([0.3, 0.8, 0.9], diverge_at=4, tmp_path=tmp_path / "b")
     assert len(seen) == 2 and (stopped.score, stopped.step) == (0.8, 4)
     assert stopped.stopped == "step 5: NaN boxes"
+
+
+def test_fit_settings_refuse_an_unknown_schedule_or_checkpoint_rule():
+    for bad in ({"schedule": "cosine"}, {"keep": "final"}):
+        with pytest.raises(ValueError, match="expected one of"):
+            FitSettings(steps=1, batch_size=1, lr=1e-3, eval_every=1, seed=0, threads=1, **bad)

@@ -8,10 +8,11 @@ from pathlib import Path
 from vlmprobe.compare import documents
 from vlmprobe.compare.figures import quantity_panels, score_bars
 from vlmprobe.compare.gather import Reader, Row, rows, runs
+from vlmprobe.compare.vqa import vqa_against_qwen
 from vlmprobe.io import write_text
 from vlmprobe.report.spatial import plan as load_plan
 from vlmprobe.select.decide import decide, weights
-from vlmprobe.select.measure import Run, plan_baseline_run
+from vlmprobe.select.measure import METRICS_FILES, Run, plan_baseline_run
 
 DOCUMENTS = ("phase1-summary.md", "alignment-study.md", "reconstruction-study.md",
              "final-recommendation.md")
@@ -36,6 +37,9 @@ def write_deliverables(shown: list[dict], read: Reader, out: Path, kinds: list[s
     chosen = candidates(measured, kinds, speed_baseline)
     result = decide(all_runs, chosen, plan, scope=f"runs of kind {', '.join(kinds)}, "
                     f"excluding the {speed_baseline} baseline")
+    result["vqa"] = vqa_against_qwen(
+        measured, {r.name: r.metrics.get(METRICS_FILES["ground"]) for r in found_rows},
+        speed_baseline)
     origins = {r.name: f"{r.origin} {r.rev[:7]}" if r.origin != "workspace" else "workspace"
                for r in found_rows}
     figures_dir = out / "figures"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmprobe.compare.vqa import vqa_lines
 from vlmprobe.select.criteria import FAIL, PASS
 
 QUANTITY_LABELS = {
@@ -156,6 +157,7 @@ def phase1_summary(result: dict[str, Any], plan: dict[str, Any], ctx: Context) -
         "",
         *_justification(result),
         "",
+        *vqa_lines(result["vqa"]),
         *_figure(ctx, "scores", "E-P4.4 weighted score by run"),
     ]
     return "\n".join(lines)
@@ -279,6 +281,7 @@ def final_recommendation(result: dict[str, Any], plan: dict[str, Any], ctx: Cont
         *_table(headers, rows),
         "",
         *_figure(ctx, "comparison", "E-P4.7 comparison against targets"),
+        *vqa_lines(result["vqa"]),
         "## Recommendation",
         "",
         *_plan_rows(decision, plan["recommendation"]["framework"]),

@@ -181,12 +181,17 @@ def normalise_answer(text: str) -> str:
     return NUMBER_WORDS.get(words[0], words[0])
 
 
+def answers_correct(answers: list[str], questions: list[Question]) -> list[float]:
+    """1.0 where an answer matches its question's after `normalise_answer`, else 0.0."""
+    return [float(normalise_answer(a) == q.answer)
+            for a, q in zip(answers, questions, strict=True)]
+
+
 def vqa_accuracy(answers: list[str], questions: list[Question], n_boot: int = 1000,
                  seed: int = 0) -> dict:
     """Exact-match accuracy after `normalise_answer`, overall (`vqa_acc`) and per kind
     (`vqa_acc_<kind>`), each with its interval over images and its number of questions."""
-    correct = [float(normalise_answer(a) == q.answer)
-               for a, q in zip(answers, questions, strict=True)]
+    correct = answers_correct(answers, questions)
     result = {**grouped_ratio(correct, [q.image for q in questions], n_boot, seed, "vqa_acc"),
               "vqa_questions": len(questions)}
     for kind in sorted({q.kind for q in questions}):

@@ -257,9 +257,21 @@ class FitSettings:
     device: torch.device = CPU
     weight_decay: float = 1e-4
     clip_norm: float | None = 1.0  # None: no gradient clipping
-    schedule: str = "warmup_cosine"  # or "constant"
-    keep: str = "best"  # the checkpoint with the best validation score, or "last"
+    schedule: str = "warmup_cosine"  # one of SCHEDULES
+    keep: str = "best"  # one of KEEP: the best checkpoint on val, or the last
     higher_is_better: bool = True
+
+    def __post_init__(self):
+        # Set in code, not params: a misspelt choice would silently train another way.
+        for name, value, valid in (("schedule", self.schedule, SCHEDULES),
+                                   ("keep", self.keep, KEEP)):
+            if value not in valid:
+                raise ValueError(f"FitSettings.{name} = {value!r}; expected one of "
+                                 f"{', '.join(valid)}")
+
+
+SCHEDULES = ("warmup_cosine", "constant")
+KEEP = ("best", "last")
 
 
 @dataclass(frozen=True)

@@ -56,9 +56,9 @@ def ground_markdown(summary: dict[str, Any]) -> list[str]:
     if counts:
         lines.append(f"- asked: {counts}")
     if "vqa_acc" in summary["metrics"]:
-        lines += ["", "H-P4 asks for more than 95% of Qwen2.5-VL's VQA accuracy: compare "
-                  "`vqa_acc` with a `qwen2_5_vl` run on the same questions (same `ground` "
-                  "params)."]
+        lines += ["", "H-P4 asks for more than 95% of Qwen2.5-VL's VQA accuracy: `vlmprobe "
+                  "compare` judges it beside a `qwen2_5_vl` run on the same questions (same "
+                  "`ground` params)."]
     return [*lines, ""]
 
 

@@ -28,6 +28,7 @@ from vlmprobe.models.base import ModelAdapter
 from vlmprobe.models.registry import RegistryEntry, adapter_for, get_entry
 from vlmprobe.params import load_params, require_int, require_name
 from vlmprobe.probes.grounding import (
+    answers_correct,
     first_images,
     grounding_prompt,
     grounding_scores,
@@ -119,6 +120,11 @@ def run_vqa(adapter: ModelAdapter, model: torch.nn.Module, split: Split, config:
     result = vqa_accuracy(answers, questions, config["bootstrap"], config["seed"])
     result["vqa_samples"] = [{"question": q.text, "answer": a, "expected": q.answer}
                              for q, a in list(zip(questions, answers, strict=True))[:SAMPLES]]
+    # Every question's outcome, [image id, question, 1/0]: what pairs two runs' answers to the
+    # same questions (vlmprobe.compare.vqa, H-P4's ratio to Qwen2.5-VL).
+    result["vqa_outcomes"] = [
+        [split.image_ids[q.image], q.text, int(c)]
+        for q, c in zip(questions, answers_correct(answers, questions), strict=True)]
     return result
 
 
