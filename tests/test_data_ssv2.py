@@ -14,6 +14,7 @@ from vlmprobe.data.bad_samples import BadSampleError
 from vlmprobe.data.moving_shapes import DIRECTIONS
 from vlmprobe.data.ssv2 import template_direction, write_ssv2_subset
 from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.extract.tokens import ArrayTokens
 from vlmprobe.probes.temporal import (
     ClipData,
     TemporalSettings,
@@ -98,8 +99,8 @@ class _Store:
         self.image_ids = list(range(n * f))
         self.manifest = {"n_frames": f}
 
-    def load(self, point: str) -> np.ndarray:
-        return self.features
+    def tokens(self, point: str, image_ids: list[int]) -> ArrayTokens:
+        return ArrayTokens(self.features[image_ids])
 
     def geometry(self, point: str) -> TokenGeometry:
         return self.geometry_

@@ -194,13 +194,15 @@ class ClipData:
         return [int(c) * self.n_frames + t for c in clip_ids for t in range(self.n_frames)]
 
     def tokens(self, point: str) -> Callable[[np.ndarray], np.ndarray]:
-        """A loader of (n, F, T, D) frame tokens of `point` by clip id (the point is read once)."""
-        every = self.store.load(point)
-        row = {i: r for r, i in enumerate(self.store.image_ids)}
+        """A loader of (n, F, T, D) frame tokens of `point` by clip id, read from the store
+        when called (the probe holds the clips it asks for, not the point)."""
+        ids = self.store.image_ids
+        stored = self.store.tokens(point, ids)
+        row = {i: r for r, i in enumerate(ids)}
 
         def load(clip_ids: np.ndarray) -> np.ndarray:
-            rows = [row[i] for i in self.image_ids(clip_ids)]
-            return every[rows].reshape(len(clip_ids), self.n_frames, *every.shape[1:])
+            rows = np.array([row[i] for i in self.image_ids(clip_ids)], dtype=np.int64)
+            return stored.rows(rows).reshape(len(clip_ids), self.n_frames, *stored.shape[1:])
 
         return load
 
