@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.extract.tokens import Tokens, as_tokens, chunks
+
+POOL_ELEMENTS = 2**24  # source token values read per chunk of images (64 MiB as float32)
 
 
 def area_weights(source: TokenGeometry, target: TokenGeometry) -> np.ndarray:
@@ -24,6 +27,12 @@ def area_weights(source: TokenGeometry, target: TokenGeometry) -> np.ndarray:
         np.float32)
 
 
-def pool_tokens(tokens: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(N, T_source, D) tokens -> (N, T_target, D) by `area_weights`."""
-    return np.einsum("pt,ntd->npd", weights, tokens, optimize=True).astype(np.float32)
+def pool_tokens(tokens: Tokens | np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(N, T_source, D) tokens -> (N, T_target, D) by `area_weights`; a stored point is read a
+    chunk of images at a time (only the pooled tokens are held)."""
+    tokens = as_tokens(tokens)
+    n, t, d = tokens.shape
+    out = np.empty((n, len(weights), d), dtype=np.float32)
+    for index, x in chunks(tokens, max(1, POOL_ELEMENTS // (t * d))):
+        out[index] = np.einsum("pt,ntd->npd", weights, x, optimize=True)
+    return out

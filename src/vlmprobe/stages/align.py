@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from vlmprobe.align.inputs import SOURCES, clip_frame_inputs, image_inputs
 from vlmprobe.align.pooling import area_weights, pool_tokens
 from vlmprobe.align.report import TABLE_METRICS, cka_heatmap, write_report
@@ -28,6 +26,7 @@ from vlmprobe.align.study import (
 )
 from vlmprobe.errors import stage_main
 from vlmprobe.extract.store import MANIFEST
+from vlmprobe.extract.tokens import Tokens
 from vlmprobe.io import recorded_model, rounded, write_json, write_text
 from vlmprobe.params import (
     ParamsError,
@@ -38,7 +37,7 @@ from vlmprobe.params import (
     require_int,
     require_name,
 )
-from vlmprobe.probes.controls import pixel_tokens, shuffled_tokens
+from vlmprobe.probes.controls import PixelTokens, ShuffledTokens
 from vlmprobe.vae.registry import get_entry, load_vae
 
 PARAMS = ("video_vae", "align")
@@ -132,21 +131,22 @@ def main(argv: list[str] | None = None) -> None:
     target_kernels = Kernels.of(target.reshape(len(target), -1), settings.rbf_sigma)
     group_grams = channel_group_grams(target, config["channel_groups"])
 
-    def score(tokens: np.ndarray, geometry) -> tuple[dict, list[float]]:
+    def score(tokens: Tokens, geometry) -> tuple[dict, list[float]]:
         pooled = pool_tokens(tokens, area_weights(geometry, latent_geometry))
         return alignment_scores(pooled, target, target_kernels, group_grams, split_of, settings)
 
     points, heat = {}, {}
     for point in store.points:
         print(f"align: {point}", flush=True)
-        points[point], heat[point] = score(store.load(point, image_ids), store.geometry(point))
+        points[point], heat[point] = score(store.tokens(point, image_ids),
+                                           store.geometry(point))
 
     reference = store.points[-1]
     reference_geometry = store.geometry(reference)
     controls = {}
     control_tokens = {
-        "pixels": lambda: pixel_tokens(images, reference_geometry),
-        "shuffled": lambda: shuffled_tokens(store.load(reference, image_ids), settings.seed, 0),
+        "pixels": lambda: PixelTokens(images, reference_geometry),
+        "shuffled": lambda: ShuffledTokens(store.tokens(reference, image_ids), settings.seed, 0),
     }
     for name, make in control_tokens.items():
         print(f"align: control {name}", flush=True)
