@@ -59,3 +59,24 @@ def test_markdown_marks_bands_and_labels_plan_figures():
     assert "Plan figures for Qwen2.5-VL (not measured here)" in text
     assert "| early | 0.300 [0.20, 0.40] **F** | - |" in text
     assert "![fig](a.png)" in text
+
+
+def test_each_invalid_probe_says_why_and_what_would_make_it_valid():
+    metrics = _metrics()
+    metrics["validity"]["reconstruction"] = {
+        "metric": "spatial_iou", "positive": "pixels", "positive_value": 0.42,
+        "positive_min": 0.7, "negative": "shuffled", "negative_value": 0.1, "positive_pass": False,
+        "negative_pass": True, "valid": False, "reason": "pixels spatial_iou 0.420 < 0.7"}
+    metrics["validity"]["detr"] = {
+        "metric": "map50", "positive": "oracle", "positive_value": 0.9, "positive_min": 0.6,
+        "negative": "oracle_shuffled", "negative_value": 0.4, "positive_pass": True,
+        "negative_pass": False, "valid": False, "reason": "oracle_shuffled not clearly below"}
+    summary = spatial_summary(metrics)
+    probes = summary["probes"]
+    assert probes["bbox"]["to_make_valid"] is None  # valid
+    why = probes["reconstruction"]["to_make_valid"]
+    assert "pixels spatial_iou 0.420 < 0.7" in why and "now 3" in why
+    assert "`probe.reconstruction.steps`" in why and "`probe.device: cuda`" in why
+    assert "oracle_shuffled map50 0.400" in probes["detr"]["to_make_valid"]
+    text = spatial_markdown(summary, metrics, {})
+    assert f"- reconstruction: {why}" in text and "- bbox:" not in text

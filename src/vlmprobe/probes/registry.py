@@ -65,6 +65,7 @@ class Probe:
     columns: dict[str, str]  # metric -> label, in the report's and the CSV's order
     quantities: dict[str, str]  # metric -> the plan's quantity it measures (bands, select)
     capacity: str  # what the probe is, in one line (the report)
+    budget: tuple[str, ...]  # the params that give it more capacity or training
     trained: bool  # has a fit loop: settings.fit, curves, seeds
     clips: bool  # reads clip features (the temporal store), not single images
     # "module:function" taking (TokenSet, settings, curves_dir) and returning a ProbeResult,
@@ -93,18 +94,21 @@ PROBES: dict[str, Probe] = {p.name: p for p in (
           columns={"iou": "bbox IoU", "map50": "mAP@0.5 (bbox)"},
           quantities={"iou": "bbox_iou"},
           capacity="per-token ridge map to class coverage, decoded to boxes (closed form)",
+          budget=("probe.ridge_alphas", "probe.thresholds"),
           trained=False, clips=False, runner="vlmprobe.probes.coverage:run"),
     Probe("dense", "map50", **ORACLE_CONTROLS,
           columns={"map50": "mAP@0.5 (dense)"},
           quantities={"map50": "map50"},
           capacity="conv head on the token grid (per-token class, centre-ness, box), NMS "
                    "(see vlmprobe.probes.dense)",
+          budget=("probe.dense.steps", "probe.dense.width", "probe.dense.depth"),
           trained=True, clips=False, runner="vlmprobe.probes.dense:run"),
     Probe("detr", "map50", **ORACLE_CONTROLS,
           columns={"map50": "mAP@0.5 (DETR)", "map": "mAP (DETR)"},
           quantities={"map50": "map50"},
           capacity="DETR-style: MLP token projection, learned queries with grid reference "
                    "boxes, 2-D sine positions, Hungarian loss (see vlmprobe.probes.detr)",
+          budget=("probe.detr.steps", "probe.detr.width", "probe.detr.layers"),
           trained=True, clips=False, runner="vlmprobe.probes.detr:run"),
     Probe("reconstruction", "spatial_iou", positive="pixels", negative="shuffled",
           diagnostics=("oracle", "oracle_shuffled"), higher_is_better=True,
@@ -114,12 +118,15 @@ PROBES: dict[str, Probe] = {p.name: p for p in (
                       "spatial_iou": "spatial_iou"},
           capacity="conv decoder on the token grid to the image's pixels "
                    "(see vlmprobe.probes.reconstruction)",
+          budget=("probe.reconstruction.steps", "probe.reconstruction.width",
+                  "probe.reconstruction.depth"),
           trained=True, clips=False, runner="vlmprobe.probes.reconstruction:run"),
     Probe("temporal", "direction_acc", **ORACLE_CONTROLS,
           columns={"direction_acc": "direction acc."},
           quantities={"direction_acc": "direction_acc"},
           capacity="logistic regression on frame-token spatial moments "
                    "(see vlmprobe.probes.temporal)",
+          budget=("probe.temporal.ridge_alphas", "probe.temporal.penalties"),
           trained=False, clips=True, runner=None),
 )}
 TRAINED = tuple(name for name, p in PROBES.items() if p.trained)

@@ -86,6 +86,36 @@ def band_of(probe: str, metric: str, value: float, p: dict[str, Any]) -> str | N
     return band(quantity, value, p["bands"]) if quantity in p["bands"] else None
 
 
+def remedy(probe: str, verdict: dict[str, Any] | None, n_train: int) -> str | None:
+    """For a probe that is not valid on this run, one line: why, and what would make it valid
+    (None for a valid probe or one that did not run)."""
+    if not verdict or verdict.get("valid") is True:
+        return None
+    spec = PROBES[probe]
+    budget = ", ".join(f"`{key}`" for key in spec.budget)
+    if verdict.get("valid") is None:
+        return (f"a control did not run ({verdict.get('reason', '')}): add "
+                f"`{spec.positive}` and `{spec.negative}` to `probe.{probe}.controls` where the "
+                "data allows them (the oracles need boxes)")
+    if "failed on" in verdict.get("reason", ""):
+        return ("the probe itself failed on a control (non-finite output): a lower `lr` or fewer "
+                f"`steps` for it ({budget}); its training curves are in "
+                f"`plots/probe/curves/{probe}/`")
+    larger = (f"more training images (now {n_train}), a larger budget ({budget}), or "
+              "`probe.device: cuda` to afford one")
+    if verdict.get("positive_pass") is False:
+        return (f"it cannot read even the ground truth here ({spec.positive} "
+                f"{verdict['metric']} {verdict['positive_value']:.3f} < "
+                f"{verdict['positive_min']}): {larger}")
+    if verdict.get("negative_pass") is False:
+        return (f"its negative control ({spec.negative} {verdict['metric']} "
+                f"{verdict['negative_value']:.3f}) is not clearly below the positive: it scores "
+                "what the dataset gives without positions (object sizes, common places); more "
+                "varied training images")
+    why = verdict.get("reason", "no reason recorded")
+    return f"its controls missed their bands ({why}): {larger}"
+
+
 def value_at(records: dict[str, dict], name: str, probe: str, metric: str) -> Any:
     return records[name].get(probe, {}).get(metric)
 
@@ -144,7 +174,9 @@ def spatial_summary(metrics: dict[str, Any], ground: dict[str, Any] | None = Non
         "dataset": {k: metrics["meta"][k] for k in ("n_train", "n_val", "n_test")},
         "probes": {name: {"capacity": probe.capacity,
                           "valid": metrics["validity"].get(name, {}).get("valid"),
-                          "controls": metrics["validity"].get(name, {}).get("reason", "not run")}
+                          "controls": metrics["validity"].get(name, {}).get("reason", "not run"),
+                          "to_make_valid": remedy(name, metrics["validity"].get(name),
+                                                  metrics["meta"]["n_train"])}
                    for name, probe in PROBES.items()},
         "points": {name: cells(m) for name, m in points.items()},
         "controls": {name: cells(m) for name, m in controls.items()},
@@ -255,6 +287,11 @@ def spatial_markdown(summary: dict[str, Any], metrics: dict[str, Any], figures: 
                  else {True: "yes", False: "**no**", None: "unknown (a control not run)"}[
                      info["valid"]])
         lines.append(f"| {name} | {valid} | {info['controls']} | {info['capacity']} |")
+    remedies = [f"- {name}: {info['to_make_valid']}" for name, info in summary["probes"].items()
+                if name in validity and info["to_make_valid"]]
+    if remedies:
+        lines += ["", "What would make the probes that are not valid here valid (their values "
+                  "are shown, not used):", "", *remedies]
     base = summary["plan_figures"]
     lines += [
         "",
