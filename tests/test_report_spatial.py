@@ -80,3 +80,13 @@ def test_each_invalid_probe_says_why_and_what_would_make_it_valid():
     assert "oracle_shuffled map50 0.400" in probes["detr"]["to_make_valid"]
     text = spatial_markdown(summary, metrics, {})
     assert f"- reconstruction: {why}" in text and "- bbox:" not in text
+
+
+def test_the_tables_show_every_probe_metric_of_the_plan_and_detr_map():
+    metrics = _metrics()
+    metrics["points"]["final"]["detr"] = {"map50": 0.8, "map": 0.45, "map_ci95": [0.4, 0.5]}
+    text = spatial_markdown(spatial_summary(metrics), metrics, {})
+    header = next(line for line in text.splitlines() if line.startswith("| point |"))
+    assert header.split(" | ")[1:4] == ["bbox IoU", "mAP@0.5 (dense)", "mAP@0.5 (DETR)"]
+    assert "mAP (DETR)" in header and "mAP@0.5 (bbox)" not in header
+    assert "0.450 [0.40, 0.50]" in text

@@ -13,11 +13,13 @@ from vlmprobe.probes.registry import PROBES, measuring
 PLAN_FILE = Path(__file__).parent / "plan.yaml"
 
 # (probe, metric) -> column label, in table order: every registered probe's columns but the
-# DETR-style probe's mAP@[.5:.95] (in the CSV and the metrics, not the plan's tables).
+# bbox probe's mAP@0.5 (in the CSV and the metrics; the plan's bbox quantity is its IoU).
 COLUMNS: dict[tuple[str, str], str] = {
     (p.name, metric): label for p in PROBES.values() for metric, label in p.columns.items()
-    if (p.name, metric) not in {("detr", "map"), ("bbox", "map50")}
+    if (p.name, metric) != ("bbox", "map50")
 }
+# The figure's panels: the table's columns but mAP@[.5:.95] (on the same axis as mAP@0.5).
+PANELS = {key: label for key, label in COLUMNS.items() if key != ("detr", "map")}
 BAND_MARKS = {"target": "T", "acceptable": "A", "marginal": "M", "fail": "F"}
 
 

@@ -14,7 +14,7 @@ import yaml
 from vlmprobe.errors import StaleInput, stage_main
 from vlmprobe.io import read_json, recorded_model, write_text
 from vlmprobe.report.figures import metrics_by_point
-from vlmprobe.report.spatial import COLUMNS, spatial_markdown, spatial_summary
+from vlmprobe.report.spatial import PANELS, spatial_markdown, spatial_summary
 
 PARAMS = ()
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         raise StaleInput(f"{args.ground} is for {ground['meta']['vlm']!r}, {args.metrics} for "
                          f"{vlm!r}. Fix: `dvc repro` (it re-runs the stale stage first).")
     summary = spatial_summary(metrics, ground)
-    metrics_by_point(metrics, COLUMNS, f"{summary['model']}: spatial probes by point", args.figure)
+    metrics_by_point(metrics, PANELS, f"{summary['model']}: spatial probes by point", args.figure)
     figures = {
         "metrics by extraction point": args.figure,
         "predicted vs ground-truth boxes": args.probe_plots / "boxes.png",
