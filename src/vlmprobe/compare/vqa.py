@@ -54,6 +54,9 @@ def paired_ratio(mine: dict[tuple[int, str], float], theirs: dict[tuple[int, str
     idx = rng.integers(0, len(images), size=(n_boot, len(images)))
     denominators = base[idx].sum(axis=1)
     kept = denominators > 0  # a resample where Qwen2.5-VL got nothing right has no ratio
+    if not kept.any():
+        return {**found, "verdict": "not measured",
+                "why": "no resample of the images has a correct Qwen2.5-VL answer"}
     lo, hi = np.quantile(ours[idx].sum(axis=1)[kept] / denominators[kept], [0.025, 0.975])
     verdict = ("pass" if lo > H_P4_MIN_RATIO else "fail" if hi <= H_P4_MIN_RATIO
                else "undecided")
