@@ -12,9 +12,10 @@ import torch
 
 from test_models_vlm import CPU, TINY, images, loaded
 from vlmprobe.models.base import NotGenerating
+from vlmprobe.models.box_text import BOX_FORMATS
 from vlmprobe.models.registry import adapter_for, get_entry
 from vlmprobe.models.vlm import chat_text
-from vlmprobe.probes.grounding import BOX_FORMATS, ObjectRef, grounding_prompt
+from vlmprobe.probes.grounding import ObjectRef, grounding_prompt
 
 KNOWN = "describe the image ."
 

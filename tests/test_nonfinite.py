@@ -26,6 +26,7 @@ from vlmprobe.extract.store import STORED_DTYPE, shard_path
 from vlmprobe.io import NonFiniteJSON, write_json
 from vlmprobe.metrics import boxes, coco_map, image
 from vlmprobe.metrics.finite import NonFiniteInput, nonfinite_counts, require_finite
+from vlmprobe.models import box_text
 from vlmprobe.probes import coverage, detr, grounding
 from vlmprobe.probes.dense import DenseHead, run_dense_probe
 from vlmprobe.probes.detection import (
@@ -231,7 +232,7 @@ def test_bbox_probe_with_nan_coverage_is_marked_invalid(tiny, monkeypatch):  # n
 
 
 def test_parse_box_takes_a_nan_box_as_a_miss():
-    assert grounding.parse_box('{"bbox_2d": [NaN, 1, 5, 5]}', "pixels-json", (10, 10)) is None
+    assert box_text.parse_box('{"bbox_2d": [NaN, 1, 5, 5]}', "pixels-json", (10, 10)) is None
 
 
 # --- the metrics writer: the last line of defence ---

@@ -8,13 +8,13 @@ import pytest
 
 from vlmprobe.data.dataset import load_split
 from vlmprobe.data.shapes import generate_shapes
+from vlmprobe.models.box_text import parse_box
 from vlmprobe.probes.grounding import (
     first_images,
     grounding_prompt,
     grounding_scores,
     normalise_answer,
     object_colours,
-    parse_box,
     unique_objects,
     vqa_accuracy,
     vqa_questions,

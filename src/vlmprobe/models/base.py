@@ -16,6 +16,7 @@ from torch import nn
 from vlmprobe.errors import VlmprobeError
 from vlmprobe.extract.digests import file_digests
 from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.models.box_text import parse_box
 from vlmprobe.models.registry import RegistryEntry
 
 
@@ -58,7 +59,7 @@ class ModelAdapter(ABC):
 
     generates: ClassVar[bool] = False
     # How the family writes a box when asked to ground an object (a key of
-    # vlmprobe.probes.grounding.BOX_FORMATS), and the request that asks for it ({object}: "red
+    # vlmprobe.models.box_text.BOX_FORMATS), and the request that asks for it ({object}: "red
     # circle"). None: the family has no grounding output; it can still answer questions.
     box_format: ClassVar[str | None] = None
     grounding_template: ClassVar[str | None] = None
@@ -128,6 +129,12 @@ class ModelAdapter(ABC):
         identity["remote_code"] = {name: code_revision(path)
                                    for name, path in directories.items()}
         return identity
+
+    def parse_grounding(self, answer: str, image_size: tuple[int, int]) -> np.ndarray | None:
+        """The box a grounding answer names, as xyxy pixels of an `image_size` (H, W) image, or
+        None where it names no usable one. Families whose processor parses its own location
+        tokens override this with that post-processing."""
+        return parse_box(answer, self.box_format, image_size)
 
     def generate(self, model: nn.Module, images: np.ndarray, prompts: list[str],
                  max_new_tokens: int, device: torch.device) -> list[str]:

@@ -39,6 +39,8 @@ FAMILIES: dict[str, str] = {
     "llava_next": "vlmprobe.models.llava_next:LlavaNextAdapter",
     "internvl2": "vlmprobe.models.internvl2:InternVL2Adapter",
     "cogvlm2": "vlmprobe.models.cogvlm2:CogVLM2Adapter",
+    "kosmos2": "vlmprobe.models.kosmos2:Kosmos2Adapter",
+    "florence2": "vlmprobe.models.florence2:Florence2Adapter",
 }
 
 

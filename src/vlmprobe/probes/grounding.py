@@ -1,14 +1,13 @@
 """Grounding test (E-P4.3) and semantic check (H-P4), as pure functions: questions and prompts
-from the synthetic ground truth, parsers for the box formats the families write, and the scores
-with seeded bootstrap intervals over images.
+from the synthetic ground truth and the scores with seeded bootstrap intervals over images.
 
-The `ground` stage asks the model (each family adapter names its `box_format` and its
-`grounding_template`); malformed output is a miss, never a crash.
+The `ground` stage asks the model (each family adapter names its `grounding_template` and parses
+its answer, `parse_grounding`, vlmprobe.models.box_text); malformed output is a miss, never a
+crash.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 
@@ -22,20 +21,8 @@ from vlmprobe.metrics.finite import require_finite
 # Names of the shapes dataset's palette colours, in PALETTE order.
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple")
 assert len(COLOUR_NAMES) == len(PALETTE), "name every palette colour"
-# The box formats of the families' grounding output (an adapter's `box_format`).
-BOX_FORMATS = {
-    "0-1000": "[[x0,y0,x1,y1]] in thousandths of the image's width and height (CogVLM2, "
-              "InternVL2 inside <box>...</box>)",
-    "pixels-json": 'JSON with "bbox_2d": [x0, y0, x1, y1] in pixels, often fenced (Qwen2.5-VL)',
-}
 NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_NUMBER = r"-?\d+(?:\.\d+)?"
-_BRACKETED_BOX = re.compile(
-    rf"\[\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]"
-)
-
-
 @dataclass(frozen=True)
 class ObjectRef:
     image: int  # index into the split
@@ -79,46 +66,6 @@ def unique_objects(split: Split) -> list[ObjectRef]:
 def grounding_prompt(ref: ObjectRef, template: str) -> str:
     """The family's grounding request (`{object}` in `template`) for the plan's object."""
     return template.format(object=f"{ref.colour} {ref.shape}")
-
-
-def parse_box(text: str, box_format: str, image_size: tuple[int, int]) -> np.ndarray | None:
-    """The first box in a model's answer as xyxy pixels, or None if there is none usable."""
-    if box_format not in BOX_FORMATS:
-        raise ValueError(f"unknown box format {box_format!r}; expected one of "
-                         f"{', '.join(BOX_FORMATS)}")
-    h, w = image_size
-    if box_format == "0-1000":
-        match = _BRACKETED_BOX.search(text)
-        if match is None:
-            return None
-        box = np.array([float(v) for v in match.groups()]) / 1000.0 * np.array([w, h, w, h])
-    else:
-        box = _json_bbox(text)
-        if box is None:
-            return None
-    if not np.isfinite(box).all():  # JSON admits NaN and Infinity: malformed, so a miss
-        return None
-    box = np.clip(box, 0, [w, h, w, h])
-    if box[2] <= box[0] or box[3] <= box[1]:
-        return None
-    return box
-
-
-def _json_bbox(text: str) -> np.ndarray | None:
-    start = min((i for i in (text.find("["), text.find("{")) if i >= 0), default=-1)
-    if start < 0:
-        return None
-    try:
-        data, _ = json.JSONDecoder().raw_decode(text[start:])
-    except json.JSONDecodeError:
-        return None
-    items = data if isinstance(data, list) else [data]
-    for item in items:
-        if isinstance(item, dict) and isinstance(item.get("bbox_2d"), list):
-            values = item["bbox_2d"]
-            if len(values) == 4 and all(isinstance(v, int | float) for v in values):
-                return np.array(values, dtype=float)
-    return None
 
 
 def grouped_ratio(values: list[float], images: list[int], n_boot: int, seed: int,

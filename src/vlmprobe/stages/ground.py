@@ -32,7 +32,6 @@ from vlmprobe.probes.grounding import (
     first_images,
     grounding_prompt,
     grounding_scores,
-    parse_box,
     unique_objects,
     vqa_accuracy,
     vqa_questions,
@@ -100,7 +99,7 @@ def run_grounding(adapter: ModelAdapter, model: torch.nn.Module, split: Split, c
     answers = answer_all(adapter, model, images, prompts, config["grounding_max_new_tokens"],
                          config, device, "grounding")
     size = tuple(split.images.shape[1:3])
-    boxes = [parse_box(a, adapter.box_format, size) for a in answers]
+    boxes = [adapter.parse_grounding(a, size) for a in answers]
     truth = [split.boxes[r.image][r.obj] for r in refs]
     result = grounding_scores(boxes, truth, [r.image for r in refs], config["bootstrap"],
                               config["seed"])
