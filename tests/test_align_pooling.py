@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmprobe.align.pooling import area_weights, pool_tokens
-from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.align.pooling import pool_tokens
+from vlmprobe.extract.geometry import TokenGeometry, area_weights
 
 
 def test_area_weights_average_the_covered_tokens():

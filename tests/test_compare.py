@@ -103,3 +103,20 @@ def test_straddling_interval_is_reported_undecided(tmp_path):
     result = write_deliverables(exp_show(unsure, INTERN), tmp_path, ["vlm"], "qwen2_5_vl")
     assert result["recommendation"]["status"] == "not decided at this sample size"
     assert "not decided at this sample size" in (tmp_path / "final-recommendation.md").read_text()
+
+
+def test_the_plans_pivots_stand_beside_the_candidates(tmp_path):
+    hybrid = row("hyb", "hybrid_qwen2_5_vl_dinov2", 0.8, [0.75, 0.85], 0.3)
+    result = write_deliverables(exp_show(LLAVA, hybrid), tmp_path, ["vlm"], "qwen2_5_vl")
+    assert [r["run"] for r in result["ranking"]] == ["llava"]  # kind hybrid: not decided on
+    summary = (tmp_path / "phase1-summary.md").read_text()
+    pivots = summary.split("## The plan's pivots (section 10), beside the candidates")[1]
+    assert "| `hyb` |" in pivots.split("## Other runs")[0]
+    final = (tmp_path / "final-recommendation.md").read_text()
+    assert ("- `hyb` (Hybrid: Qwen2.5-VL-7B-Instruct + DINOv2-S/14; plan section 10.1, hybrid "
+            "architecture") in final.split("## Pivots (plan section 10)")[1]
+    assert "pivot (plan section 10.1" in final  # its role in the list of runs
+    # Named as candidates, the pivots are decided on like any model.
+    decided = write_deliverables(exp_show(LLAVA, hybrid), tmp_path, ["vlm", "hybrid"],
+                                 "qwen2_5_vl")
+    assert {r["run"] for r in decided["ranking"]} == {"llava", "hyb"}

@@ -178,3 +178,11 @@ def test_training_seeds_widen_the_interval_so_noise_is_no_difference():
     # not decided.
     assert judge(Criterion("map50", ">", 0.82, ""), replace(m, seeds=None)) == "pass"
     assert judge(Criterion("map50", ">", 0.82, ""), m) == "undecided"
+
+
+def test_a_hybrids_speed_is_both_parts_forward_passes():
+    parts = {"vlm": {"entry": "qwen2_5_vl"}, "spatial": {"entry": "dinov2_small"}}
+    hybrid = {"device": "cuda", "seconds_per_image": 0.3, "weights": {"parts": parts}}
+    ratio, _ = speed_ratio(hybrid, {"device": "cuda", "seconds_per_image": 0.2}, "Q")
+    assert ratio.value == pytest.approx(1.5)
+    assert "a hybrid: both parts' forward passes, qwen2_5_vl + dinov2_small" in ratio.source

@@ -23,6 +23,16 @@ def candidates(found: list[Run], kinds: list[str], speed_baseline: str) -> list[
     return [r.name for r in found if r.kind in kinds and r.vlm != speed_baseline]
 
 
+def role(run: Run, chosen: list[str], speed_baseline: str) -> str:
+    if run.name in chosen:
+        return "candidate"
+    if run.vlm == speed_baseline:
+        return "speed baseline, not a candidate"
+    if run.kind in documents.PIVOTS:
+        return f"pivot (plan {documents.PIVOTS[run.kind]}), not a candidate"
+    return f"kind {run.kind}, not a candidate"
+
+
 def write_deliverables(shown: list[dict], read: Reader, out: Path, kinds: list[str],
                        speed_baseline: str) -> dict:
     """Everything from `dvc exp show --json` output and each revision's metrics files (`read`);
@@ -45,8 +55,7 @@ def write_deliverables(shown: list[dict], read: Reader, out: Path, kinds: list[s
     figures_dir = out / "figures"
     links = {key: os.path.relpath(figures_dir / f"{key}.png", out)
              for key in ("scores", "comparison", "alignment", "reconstruction")}
-    roles = {r.name: "candidate" if r.name in chosen else "speed baseline, not a candidate"
-             if r.vlm == speed_baseline else f"kind {r.kind}, not a candidate" for r in measured}
+    roles = {r.name: role(r, chosen, speed_baseline) for r in measured}
     ctx = documents.Context(origins, roles, skipped, links)
     score_bars(result["runs"], weights(plan), figures_dir / "scores.png")
     quantity_panels(result["runs"], plan["comparison"]["rows"], figures_dir / "comparison.png")

@@ -18,6 +18,12 @@ QUANTITY_LABELS = {
     "recall_at_10": "Recall@10", "direction_acc": "Direction acc",
     "speed_ratio": "Inference (x Qwen)", "integration_complexity": "Integration complexity",
 }
+# Registry kinds of the plan's pivots (section 10): judged beside the candidates, not decided on
+# unless `vlmprobe compare --kinds` names them.
+PIVOTS = {
+    "hybrid": "section 10.1, hybrid architecture: a VLM beside a spatial encoder",
+    "grounding_vlm": "section 10.2, grounding-specialised VLM",
+}
 SCORE_NOTE = (
     "Weighted score (E-P4.4): spatial IoU 40%, bbox IoU 20%, LPIPS 15%, inference speed 15%, "
     "integration complexity 10%, each normalised to [0, 1]: IoUs as they are, LPIPS as 1 - LPIPS, "
@@ -111,6 +117,26 @@ def _figure(ctx: Context, key: str, alt: str) -> list[str]:
     return [f"![{alt}]({ctx.figures[key]})", ""] if key in ctx.figures else []
 
 
+def _pivot_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return []
+    return ["## The plan's pivots (section 10), beside the candidates", "",
+            *_table(headers, rows), ""]
+
+
+def pivot_lines(runs: dict[str, Any]) -> list[str]:
+    """The pivot runs' screening outcome: what the plan falls back to if no candidate passes."""
+    pivots = {n: r for n, r in runs.items() if r["kind"] in PIVOTS and not r["candidate"]}
+    if not pivots:
+        return []
+    return ["## Pivots (plan section 10)", "",
+            "If no candidate meets the thresholds the plan pivots; these runs measured its "
+            "pivots with the same probes, controls and criteria:", "",
+            *(f"- `{n}` ({r['display_name']}; plan {PIVOTS[r['kind']]}): proceed thresholds "
+              f"{r['selection']['all']}, weighted score {r['score']['score']:.3f}"
+              for n, r in pivots.items()), ""]
+
+
 def phase1_summary(result: dict[str, Any], plan: dict[str, Any], ctx: Context) -> str:
     quantities = [c["quantity"] for c in plan["selection"]["criteria"]]
     runs = result["runs"]
@@ -125,7 +151,9 @@ def phase1_summary(result: dict[str, Any], plan: dict[str, Any], ctx: Context) -
     headers = ["rank", "run", "model", *(QUANTITY_LABELS[q] for q in quantities),
                "weighted score [bounds]", "exceeds all thresholds"]
     ranked = [row(r["run"], str(r["rank"])) for r in result["ranking"]]
-    others = [row(n, "-") for n, r in runs.items() if not r["candidate"]]
+    pivots = [row(n, "-") for n, r in runs.items() if not r["candidate"] and r["kind"] in PIVOTS]
+    others = [row(n, "-") for n, r in runs.items()
+              if not r["candidate"] and r["kind"] not in PIVOTS]
     decision = result["selection"]
     lines = [
         "# E-P4.4 Phase 1 screening summary and selection",
@@ -139,6 +167,7 @@ def phase1_summary(result: dict[str, Any], plan: dict[str, Any], ctx: Context) -
         *(_table(headers, ranked) if ranked else ["No candidate runs."]),
         "",
         *_order_note(result["ranking"]),
+        *_pivot_table(headers, pivots),
         "## Other runs (references and controls, not candidates)",
         "",
         *(_table(headers, others) if others else ["None."]),
@@ -271,6 +300,7 @@ def final_recommendation(result: dict[str, Any], plan: dict[str, Any], ctx: Cont
           f"score {r['score']['score']:.3f}" for n, r in runs.items() if r["candidate"]),
         f"- E-P4.4 decision: see phase1-summary.md ({_short(result['selection'])})",
         "",
+        *pivot_lines(runs),
         "## Deep Evaluation Results (Phase 2)",
         "",
         "- Alignment study: alignment-study.md",

@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from vlmprobe.errors import VlmprobeError
 from vlmprobe.extract.distributed import ONE_PROCESS, Ranks
-from vlmprobe.extract.hooks import capture_outputs
 from vlmprobe.extract.store import (
     STORED_DTYPE,
     ShardFile,
@@ -89,10 +88,8 @@ def device_points(adapter: ModelAdapter, model: torch.nn.Module, inputs: dict[st
                   points: list[str], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Tokens (B, T, D) of every point for prepared `inputs`, on the model's device and in its
     dtype; the forward pass stops after the deepest point."""
-    modules = {p: adapter.point_module(model, p) for p in points}
     with torch.inference_mode():
-        outputs = capture_outputs(modules, lambda: adapter.forward(model, inputs))
-        tokens = {p: adapter.point_tokens(p, outputs[p], inputs) for p in points}
+        tokens = adapter.capture(model, inputs, points)
     for p, t in tokens.items():
         expected = adapter.geometry(p, image_size).n_tokens
         if t.shape[1] != expected:

@@ -87,6 +87,18 @@ class TokenGeometry:
         return np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
 
 
+def area_weights(source: TokenGeometry, target: TokenGeometry) -> np.ndarray:
+    """(T_target, T_source) overlap areas of every source token with every target cell, each
+    row normalised to sum 1 (rows no source token covers stay 0)."""
+    s, t = source.token_boxes(), target.token_boxes()
+    width = np.minimum(t[:, None, 2], s[None, :, 2]) - np.maximum(t[:, None, 0], s[None, :, 0])
+    height = np.minimum(t[:, None, 3], s[None, :, 3]) - np.maximum(t[:, None, 1], s[None, :, 1])
+    overlap = np.clip(width, 0, None) * np.clip(height, 0, None)
+    total = overlap.sum(axis=1, keepdims=True)
+    return np.divide(overlap, total, out=np.zeros_like(overlap), where=total > 0).astype(
+        np.float32)
+
+
 def region_coverage(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Fraction of each box covered by each mask.
 

@@ -16,6 +16,7 @@ from torch import nn
 from vlmprobe.errors import VlmprobeError
 from vlmprobe.extract.digests import file_digests
 from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.extract.hooks import capture_outputs
 from vlmprobe.models.box_text import parse_box
 from vlmprobe.models.registry import RegistryEntry
 
@@ -75,13 +76,25 @@ class ModelAdapter(ABC):
     def prepare(self, images: np.ndarray, device: torch.device) -> dict[str, Any]:
         """Model inputs for a batch of (B, H, W, 3) uint8 images."""
 
-    @abstractmethod
+    def capture(self, model: nn.Module, inputs: dict[str, Any],
+                points: list[str]) -> dict[str, torch.Tensor]:
+        """The spatial tokens (B, T, D) of every point, in geometry order, for prepared `inputs`:
+        one forward pass with a hook on each point's module, stopped after the deepest. A model
+        built of parts (a hybrid) captures part by part instead."""
+        modules = {p: self.point_module(model, p) for p in points}
+        outputs = capture_outputs(modules, lambda: self.forward(model, inputs))
+        return {p: self.point_tokens(p, outputs[p], inputs) for p in points}
+
+    # What the hooks of `capture` read: every family with one module per point implements both.
     def point_module(self, model: nn.Module, point: str) -> nn.Module:
         """The module whose forward output holds `point`."""
+        raise NotImplementedError(f"{type(self).__name__} has no module per point: it overrides "
+                                  "`capture`")
 
-    @abstractmethod
     def point_tokens(self, point: str, output: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """The spatial tokens (B, T, D) of `point` from its module's output, in geometry order."""
+        raise NotImplementedError(f"{type(self).__name__} has no module per point: it overrides "
+                                  "`capture`")
 
     @abstractmethod
     def geometry(self, point: str, image_size: tuple[int, int]) -> TokenGeometry:

@@ -41,6 +41,7 @@ FAMILIES: dict[str, str] = {
     "cogvlm2": "vlmprobe.models.cogvlm2:CogVLM2Adapter",
     "kosmos2": "vlmprobe.models.kosmos2:Kosmos2Adapter",
     "florence2": "vlmprobe.models.florence2:Florence2Adapter",
+    "hybrid": "vlmprobe.models.hybrid:HybridAdapter",
 }
 
 
@@ -60,9 +61,11 @@ _REQUIRED = ("family", "display_name", "points", "weights")
 
 def _parse_entry(path: Path) -> RegistryEntry:
     raw = yaml.safe_load(path.read_text()) or {}
-    missing = [k for k in _REQUIRED if k not in raw]
+    # A hybrid's weights are its parts' (vlmprobe.models.hybrid).
+    required = [k for k in _REQUIRED if not (k == "weights" and raw.get("family") == "hybrid")]
+    missing = [k for k in required if k not in raw]
     if missing:
-        raise RegistryError(f"{path}: missing keys {missing}; every entry needs {list(_REQUIRED)}")
+        raise RegistryError(f"{path}: missing keys {missing}; this entry needs {required}")
     if raw["family"] not in FAMILIES:
         raise RegistryError(
             f"{path}: family {raw['family']!r} is not one of {sorted(FAMILIES)}"
@@ -76,7 +79,7 @@ def _parse_entry(path: Path) -> RegistryEntry:
         family=raw["family"],
         display_name=raw["display_name"],
         points={str(k): dict(v or {}) for k, v in points.items()},
-        weights=dict(raw["weights"]),
+        weights=dict(raw.get("weights") or {}),
         options=options,
         path=path,
     )

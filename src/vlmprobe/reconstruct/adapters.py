@@ -1,9 +1,9 @@
 """The plan's two adapters (E-P4.6), from model tokens to target latent tokens (B, P, C).
 
 - `MLPAdapter`: the plan's MLP (Linear-GELU-Linear-GELU-Linear) applied at every latent
-  position to the model tokens resampled onto that position's 2x2 sub-cells (area-weighted,
-  see `vlmprobe.align.pooling`) and concatenated, so the adapter sees where inside the cell
-  content lies. Local by construction: shuffled tokens cannot be put back.
+  position to the model tokens resampled onto that position's 2x2 sub-cells (area-weighted:
+  `vlmprobe.extract.geometry.area_weights`) and concatenated, so the adapter sees where inside
+  the cell content lies. Local by construction: shuffled tokens cannot be put back.
 - `SpatialAdapter`: one learned query per latent position cross-attends to all model tokens
   (multi-head attention), then an MLP block and a linear map to the latent channels. Queries
   and keys carry Fourier features of their image positions (from the token geometry): raw
@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmprobe.align.pooling import area_weights
-from vlmprobe.extract.geometry import TokenGeometry
+from vlmprobe.extract.geometry import TokenGeometry, area_weights
 
 SUBCELLS = 2  # MLPAdapter: sub-cells per latent cell side
 FOURIER_BANDS = 8

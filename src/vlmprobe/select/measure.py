@@ -202,9 +202,12 @@ def speed_ratio(extract: dict[str, Any] | None, baseline: dict[str, Any] | None,
         return None, (f"{baseline_label} baseline ran on another machine ({there}, this run "
                       f"{here}): speeds are comparable only on the same machine")
     recorded = ", ".join(f"{k} {here[k]}" for k in sorted(shared))
+    parts = (extract.get("weights") or {}).get("parts")
+    summed = ("; a hybrid: both parts' forward passes, " + " + ".join(
+        p["entry"] for p in parts.values())) if parts else ""
     return Measurement(mine / theirs, None,
                        f"{METRICS_FILES['extract']} seconds_per_image {mine} / {baseline_label} "
-                       f"{theirs} ({recorded})"), ""
+                       f"{theirs} ({recorded}{summed})"), ""
 
 
 def declared_complexity(entry: RegistryEntry) -> tuple[str | None, Measurement | None]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from vlmprobe.align.inputs import SOURCES, clip_frame_inputs, image_inputs
-from vlmprobe.align.pooling import area_weights, pool_tokens
+from vlmprobe.align.pooling import pool_tokens
 from vlmprobe.align.report import TABLE_METRICS, cka_heatmap, write_report
 from vlmprobe.align.study import (
     AlignSettings,
@@ -25,6 +25,7 @@ from vlmprobe.align.study import (
     channel_groups,
 )
 from vlmprobe.errors import stage_main
+from vlmprobe.extract.geometry import area_weights
 from vlmprobe.extract.store import MANIFEST
 from vlmprobe.extract.tokens import Tokens
 from vlmprobe.io import recorded_model, rounded, write_json, write_text
