@@ -14,6 +14,7 @@ from conftest import stage_args
 from vlmprobe.data.dataset import load_split
 from vlmprobe.data.shapes import generate_shapes
 from vlmprobe.gpus import require_device
+from vlmprobe.models.box_text import parse_box
 from vlmprobe.params import ParamsError
 from vlmprobe.probes.grounding import unique_objects
 from vlmprobe.stages import ground
@@ -91,6 +92,9 @@ class FixedAnswers:
 
     def generate(self, model, images, prompts, max_new_tokens, device):
         return [self.answer_for(p) for p in prompts]
+
+    def parse_grounding(self, answer, image_size):  # as every text-format family parses
+        return parse_box(answer, self.box_format, image_size)
 
 
 def test_malformed_answers_are_misses_and_good_boxes_score(workspace):
