@@ -118,7 +118,9 @@ def naive_loop(adapter, model, images: np.ndarray, device: torch.device, out: Pa
     for i, image in enumerate(images):
         inputs = adapter.prepare(image[None], device)
         with torch.no_grad():
-            hidden = adapter.forward(model, {**inputs, "output_hidden_states": True}).hidden_states
+            output = adapter.forward(model, {**inputs, "output_hidden_states": True})
+        # The layers the `llm` points index (an encoder-decoder names its encoder's).
+        hidden = getattr(output, getattr(adapter, "llm_hidden_states", "hidden_states"))
         torch.save([h.cpu() for h in hidden], out / f"{i:05d}.pt")
     synchronize(device)
     seconds = time.perf_counter() - started
@@ -178,7 +180,9 @@ def main() -> None:
 
     device = torch.device(args.device)
     adapter = adapter_for(get_entry(args.vlm))
-    model = adapter.load(Path.cwd(), device)
+    # Inference only; and FlopCounterMode's module tracker fails on a parameter that requires
+    # grad passed into a submodule under inference mode (Kosmos-2's latent queries).
+    model = adapter.load(Path.cwd(), device).requires_grad_(False)
     peak = matmul_peak(device)
     results = {
         "vlm": args.vlm,

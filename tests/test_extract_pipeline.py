@@ -20,6 +20,8 @@ pytestmark = pytest.mark.slow
     ("llava_tiny", "pixels32"),
     ("internvl2_tiny", "pixels32"),
     ("cogvlm2_tiny", "pixels32"),
+    ("kosmos2_tiny", "pixels32"),
+    ("florence2_tiny", "pixels32"),
 ])
 def test_tiny_family_runs_the_whole_pipeline(tmp_path, vlm, video_vae):
     project = make_project(tmp_path / "project", FAMILY_PARAMS)

@@ -25,7 +25,7 @@ def half_of(model: torch.nn.Module) -> str:
     return f"{size / 2 / 1e6:.3f}MB"
 
 
-@pytest.mark.parametrize("name", [*TINY, "llava_tiny"])
+@pytest.mark.parametrize("name", [*TINY, "llava_tiny", "kosmos2_tiny"])
 def test_half_in_memory_half_on_disk_gives_the_same_tokens(name, tmp_path):
     adapter, model = loaded(name)
     points, batch = list(adapter.entry.points), images(2)

@@ -61,14 +61,8 @@ class LlavaAdapter(ProcessorVLMAdapter):
         return model.model.language_model.layers
 
     def setup(self, model: nn.Module, pretrained: tuple[str, dict[str, Any]] | None) -> None:
-        from transformers import AutoProcessor
-
         self.config = model.config
-        if pretrained is None:
-            self.processor = self.offline_processor()
-            return
-        location, kwargs = pretrained
-        self.processor = AutoProcessor.from_pretrained(location, revision=kwargs.get("revision"))
+        self.processor = self.checkpoint_processor(pretrained)
 
     def offline_processor(self) -> Any:
         """The processor for random weights: the tower's own input size, an in-memory tokenizer."""

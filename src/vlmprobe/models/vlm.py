@@ -169,6 +169,21 @@ class VLMAdapter(ModelAdapter):
             answers = self.answer(model, images, prompts, max_new_tokens, device)
         return [a.strip() for a in answers]
 
+    def offline_processor(self) -> Any:
+        """The processor for random weights, built in memory (no download); a family that
+        builds its processor with `checkpoint_processor` defines it."""
+        raise NotImplementedError(f"the {self.entry.family} family builds no offline processor")
+
+    def checkpoint_processor(self, pretrained: tuple[str, dict[str, Any]] | None) -> Any:
+        """The checkpoint's own processor (`pretrained`: its location and from_pretrained
+        kwargs), or for random weights the family's `offline_processor()`."""
+        if pretrained is None:
+            return self.offline_processor()
+        from transformers import AutoProcessor
+
+        location, kwargs = pretrained
+        return AutoProcessor.from_pretrained(location, revision=kwargs.get("revision"))
+
     def save_preprocessing(self, directory: Path) -> None:
         """Save the tokenizer (or processor) `setup` built, as a checkpoint ships it."""
         (getattr(self, "processor", None) or self.tokenizer).save_pretrained(str(directory))
