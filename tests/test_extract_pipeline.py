@@ -45,3 +45,10 @@ def test_tiny_family_runs_the_whole_pipeline(tmp_path, vlm, video_vae):
     assert all(0.0 <= r["map50"] <= 1.0 and len(r["map50_ci95"]) == 2 for r in scored)
     assert (project / "plots/reconstruct/samples.png").exists()
     assert (project / "results/p4" / f"{vlm}-alignment.md").exists()
+    ground = json.loads((project / "metrics/ground.json").read_text())
+    assert "vqa_acc" in ground and "vqa" not in ground["not_applicable"]
+    if vlm.startswith(("kosmos2", "florence2")):  # native location tokens, their own parsers
+        assert ground["meta"]["box_format"].endswith("-locations")
+    if "grounding" not in ground["not_applicable"]:
+        assert 0.0 <= ground["grounding_parse_failure_rate"] <= 1.0
+        assert 0.0 <= ground["grounding_iou"] <= 1.0
