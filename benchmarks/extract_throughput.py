@@ -119,8 +119,7 @@ def naive_loop(adapter, model, images: np.ndarray, device: torch.device, out: Pa
         inputs = adapter.prepare(image[None], device)
         with torch.no_grad():
             output = adapter.forward(model, {**inputs, "output_hidden_states": True})
-        # The layers the `llm` points index (an encoder-decoder names its encoder's).
-        hidden = getattr(output, getattr(adapter, "llm_hidden_states", "hidden_states"))
+        hidden = getattr(output, adapter.llm_hidden_states)  # the layers `llm` points index
         torch.save([h.cpu() for h in hidden], out / f"{i:05d}.pt")
     synchronize(device)
     seconds = time.perf_counter() - started

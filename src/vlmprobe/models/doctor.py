@@ -251,9 +251,7 @@ def reference_hidden_states(adapter: VLMAdapter, reference: nn.Module,
                             inputs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
     with torch.inference_mode():
         output = reference(**inputs, output_hidden_states=True, return_dict=True)
-    # The field holding the layers the adapter's `llm` points index: an encoder-decoder's
-    # adapter names its own (Florence-2: `encoder_hidden_states`).
-    return getattr(output, getattr(adapter, "llm_hidden_states", "hidden_states"))
+    return getattr(output, adapter.llm_hidden_states)
 
 
 def sample_images(n: int = 2, size: tuple[int, int] = (224, 224), seed: int = 0) -> np.ndarray:

@@ -53,8 +53,7 @@ class Florence2Adapter(VLMAdapter):
     point_kinds = ("vision", "projector", "llm")
     box_format = "florence2-locations"
     grounding_template = GROUNDING_TASK + "{object}"  # the processor: "Locate the phrases ..."
-    # The output field holding the hidden states the `llm` layers index (`vlmprobe doctor`).
-    llm_hidden_states: ClassVar[str] = "encoder_hidden_states"
+    llm_hidden_states = "encoder_hidden_states"  # the image tokens are in the BART encoder
     vocab_size_key = ("text_config", "vocab_size")
     # The published layout kept (4 DaViT stages, their strides, 12x12-token windows, ids);
     # sizes and depths cut.

@@ -132,6 +132,9 @@ class VLMAdapter(ModelAdapter):
     # Module classes whose forward reads a child's weights without calling the child: split
     # over devices (`extract.device_map: auto`), accelerate must load them whole.
     preload_modules: ClassVar[tuple[str, ...]] = ()
+    # The field of a full forward pass's output (`output_hidden_states=True`) that holds the
+    # layers the `llm` points index: an encoder-decoder names its encoder's.
+    llm_hidden_states: ClassVar[str] = "hidden_states"
 
     # -- family-specific -------------------------------------------------------------------
     @abstractmethod
