@@ -40,7 +40,7 @@ def test_three_experiments_then_compare_and_pr_report(tmp_path):
                  "final-recommendation.md"):
         assert (results / name).stat().st_size > 200
     summary = (results / "phase1-summary.md").read_text()
-    ranked = summary.split("## Ranked candidates")[1].split("## Other runs")[0]
+    ranked = summary.split("## Ranked candidates")[1].split("## The plan's pivots")[0]
     for candidate in (tiny, qwen):  # kind vlm; the hybrid pivot is not ranked
         assert f"`{candidate.replace('_', '-')}` |" in ranked
     hybrid_run = hybrid.replace("_", "-")
