@@ -81,8 +81,8 @@ def validate(params: dict) -> dict:
         if not isinstance(config["adapter"], VLMAdapter):
             raise ParamsError(
                 f"params.yaml: extract.device_map = 'auto' splits a VLM over devices; "
-                f"{entry.name!r} is not one (it fits one device). Fix: `dvc exp run -S "
-                "extract.device_map=none`.")
+                f"{entry.name!r} is not one (a spatial encoder, raw pixels, or a hybrid, whose "
+                "parts each run on one device). Fix: `dvc exp run -S extract.device_map=none`.")
         if config["processes"] > 1:
             raise ParamsError(
                 "params.yaml: extract.device_map = 'auto' spreads one model over every device, "
