@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from conftest import run, set_params, stage_command
+from conftest import ROOT, run, set_params, stage_command
 from test_extract_engine import stage_project
 from test_extract_resume import store_bytes
 from test_models_vlm import CPU, TINY, images, loaded
@@ -18,6 +19,7 @@ from vlmprobe.extract import placement
 from vlmprobe.extract.engine import extract_points
 from vlmprobe.models.registry import adapter_for, get_entry
 from vlmprobe.params import ParamsError
+from vlmprobe.stages import extract
 
 
 def half_of(model: torch.nn.Module) -> str:
@@ -61,3 +63,12 @@ def test_stage_with_a_split_model_stores_the_same_bytes(tmp_path):
     result = run(stage, project)
     assert "split over {'cpu'" in result.stdout and "'disk'" in result.stdout
     assert store_bytes(project) == whole
+
+
+@pytest.mark.parametrize("name", ["dinov2_small", "hybrid_qwen2_5_vl_tiny_dinov2"])
+def test_only_a_vlm_is_split_over_devices(name):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["vlm"] = name
+    params["extract"]["device_map"] = "auto"
+    with pytest.raises(ParamsError, match=rf"{name}' is not one .*extract.device_map=none"):
+        extract.validate(params)
