@@ -1,25 +1,28 @@
-"""The coverage bbox probe on small synthetic data: it decodes boxes, and its controls behave."""
+"""The bbox probe on small synthetic data: its targets, its decoding, and its controls."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from vlmprobe.data.dataset import SPLITS, load_split
 from vlmprobe.data.shapes import generate_shapes
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.probes.controls import oracle_tokens, shuffled_tokens
 from vlmprobe.probes.coverage import (
+    EDGES,
     ProbeSettings,
     class_ids,
-    coverage_targets,
     decode,
+    instance_targets,
+    pixel_frame,
     run_bbox_probe,
 )
 
 GEOMETRY = TokenGeometry.single_grid((112, 112), 8, 8)
 SETTINGS = ProbeSettings(
-    alphas=[1e-3, 1e-1], thresholds=[0.4, 0.5], min_component_px=20, bootstrap=200, seed=0
+    alphas=[1e-3, 1e-1], thresholds=[0.2, 0.4], bootstrap=200, seed=0
 )
 
 
@@ -33,27 +36,39 @@ def splits(tmp_path_factory):
 
 def test_targets_are_fractions_that_sum_to_the_object_area(splits):
     split = splits["train"]
-    targets = coverage_targets(split, GEOMETRY)
-    assert targets.shape == (60, 64, 3) and 0 <= targets.min() and targets.max() <= 1
+    targets = instance_targets(split, GEOMETRY)
+    coverage = targets[..., :-EDGES]
+    assert targets.shape == (60, 64, 3 + EDGES) and 0 <= coverage.min() and coverage.max() <= 1
     cell_area = 14 * 14
     mask_area = sum(m.sum() for m in split.masks[0])
-    assert targets[0].sum() * cell_area == pytest.approx(mask_area)
+    assert coverage[0].sum() * cell_area == pytest.approx(mask_area)
+
+
+def test_edge_targets_decode_to_the_covering_instances_box(splits):
+    split = splits["train"]
+    targets = instance_targets(split, GEOMETRY)
+    covered = targets[0, :, :-EDGES].sum(axis=1) > 0
+    edges = torch.as_tensor(targets[0, :, -EDGES:], dtype=torch.float64)
+    boxes = pixel_frame(GEOMETRY).decode(edges).numpy()[covered]
+    for box in boxes:  # every covered token names one of the image's boxes exactly
+        assert np.abs(split.boxes[0] - box).max(axis=1).min() < 1e-3
+    assert (targets[0, ~covered, -EDGES:] == 0).all()
 
 
 def test_decoding_true_coverage_recovers_the_boxes(splits):
     split = splits["test"]
-    targets = coverage_targets(split, GEOMETRY)
+    targets = instance_targets(split, GEOMETRY)
     for i in range(5):
-        found = decode(targets[i], GEOMETRY, class_ids(split), 0.5, 20)
+        found = decode(targets[i], pixel_frame(GEOMETRY), class_ids(split), 0.2, (112, 112))
         assert len(found.boxes) == len(split.boxes[i])
         for gt, label in zip(split.boxes[i], split.labels[i], strict=True):
             nearest = np.abs(found.boxes - gt).max(axis=1).argmin()
-            assert np.abs(found.boxes[nearest] - gt).max() <= 4  # within a few pixels
+            assert np.abs(found.boxes[nearest] - gt).max() <= 1e-3  # exact, not grid-bound
             assert found.labels[nearest] == label
 
 
 def test_oracle_passes_and_its_shuffled_version_fails(splits):
-    targets = {n: coverage_targets(s, GEOMETRY) for n, s in splits.items()}
+    targets = {n: instance_targets(s, GEOMETRY) for n, s in splits.items()}
     oracle = {n: oracle_tokens(t, 64, 0.05, seed=0, stream=i)
               for i, (n, t) in enumerate(targets.items())}
     good = run_bbox_probe(oracle, targets, splits, GEOMETRY, SETTINGS)

@@ -20,7 +20,7 @@ from vlmprobe.data.shapes import generate_shapes
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.metrics.image import Lpips
 from vlmprobe.probes.controls import oracle_tokens, pixel_tokens
-from vlmprobe.probes.coverage import coverage_targets
+from vlmprobe.probes.coverage import instance_targets
 from vlmprobe.probes.dense import DenseSettings, TokenFrame, run_dense_probe, token_targets
 from vlmprobe.probes.detection import Targets
 from vlmprobe.probes.detr import (
@@ -47,7 +47,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
                     min_objects=1, max_objects=2, min_size=20, max_size=36)
     splits = {name: load_split(root, name) for name in SPLITS}
     geometry = TokenGeometry.single_grid((SIZE, SIZE), GRID, GRID)
-    oracle = {name: oracle_tokens(coverage_targets(s, geometry), 32, 0.01, 0, i)
+    oracle = {name: oracle_tokens(instance_targets(s, geometry), 32, 0.01, 0, i)
               for i, (name, s) in enumerate(splits.items())}
     return splits, geometry, oracle
 

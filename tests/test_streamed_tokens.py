@@ -20,7 +20,7 @@ from vlmprobe.errors import CorruptInput
 from vlmprobe.extract.store import FeatureStore, shard_path, write_manifest, write_shard
 from vlmprobe.extract.tokens import ArrayTokens, every_row
 from vlmprobe.probes.controls import OracleTokens, ShuffledTokens, oracle_tokens, shuffled_tokens
-from vlmprobe.probes.ridge import fit_ridge_path, fit_ridge_stream
+from vlmprobe.probes.ridge import fit_ridge_path, fit_ridge_stream, fit_ridge_streams
 from vlmprobe.probes.training import Standardizer, device_tokens
 
 
@@ -105,6 +105,21 @@ def test_ridge_over_chunks_matches_one_pass():
     for alpha in (0.01, 1.0):
         np.testing.assert_allclose(pieces[alpha].weight, whole[alpha].weight, rtol=1e-10)
         np.testing.assert_allclose(pieces[alpha].bias, whole[alpha].bias, atol=1e-12)
+
+
+def test_ridge_problems_sharing_one_stream_match_each_fit_alone():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((400, 6))
+    y = x @ rng.standard_normal((6, 2))
+    rows = x[:, 0] > 0  # the second problem sees a subset of the rows, as the box edges do
+    both = fit_ridge_streams(
+        lambda: (((x[s : s + 50], y[s : s + 50]), (x[s : s + 50][rows[s : s + 50]],
+                                                  y[s : s + 50][rows[s : s + 50], :1]))
+                 for s in range(0, 400, 50)), [0.1])
+    alone = [fit_ridge_path(x, y, [0.1], chunk=50), fit_ridge_path(x[rows], y[rows, :1], [0.1])]
+    for fitted, reference in zip(both, alone, strict=True):
+        np.testing.assert_allclose(fitted[0.1].weight, reference[0.1].weight, rtol=1e-10)
+        np.testing.assert_allclose(fitted[0.1].bias, reference[0.1].bias, atol=1e-12)
 
 
 def test_split_images_and_masks_decode_on_demand_within_the_cache(tmp_path, monkeypatch):

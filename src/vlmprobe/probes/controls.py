@@ -1,7 +1,10 @@
 """The controls every probe result stands beside, built in one place with one seed rule.
 
 - oracle (positive): tokens built from the ground truth itself, so the information is
-  present and linearly decodable by construction; a probe that fails here is broken.
+  present and linearly decodable by construction; a probe that fails here is broken. Each
+  token carries what a perfect model would give the bbox probe's linear readout
+  (`vlmprobe.probes.coverage.instance_targets`): its region's coverage by each class and the
+  box of the instance covering most of it.
 - oracle_shuffled (negative): the oracle tokens with positions permuted per image, so only
   dataset priors (typical box sizes, object counts) remain; a probe that still scores here
   reads something other than layout.
@@ -37,12 +40,13 @@ def image_rng(seed: int, stream: int, image: int, draw: int) -> np.random.Genera
 
 @dataclass(frozen=True)
 class OracleTokens:
-    """Coverage (N, T, C) through a fixed random orthogonal map into `dim` dims, plus noise.
+    """Per-token targets (N, T, K) through a fixed random orthogonal map into `dim` dims, plus
+    noise.
 
     The map depends on the seed only, so every split shares it; the noise follows the rule.
     """
 
-    coverage: np.ndarray
+    targets: np.ndarray
     dim: int
     noise: float
     seed: int
@@ -50,15 +54,15 @@ class OracleTokens:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return (*self.coverage.shape[:2], self.dim)
+        return (*self.targets.shape[:2], self.dim)
 
     @cached_property
     def map(self) -> np.ndarray:
-        c = self.coverage.shape[-1]
+        c = self.targets.shape[-1]
         return np.linalg.qr(np.random.default_rng(self.seed).standard_normal((self.dim, c)))[0]
 
     def rows(self, index: np.ndarray) -> np.ndarray:
-        tokens = self.coverage[index] @ self.map.T
+        tokens = self.targets[index] @ self.map.T
         for row, i in zip(tokens, index, strict=True):
             row += self.noise * image_rng(self.seed, self.stream, int(i), NOISE).standard_normal(
                 row.shape)
@@ -102,9 +106,9 @@ class PixelTokens:
 
 # Whole arrays, for the stages that pool every image at once (align, temporal, reconstruct).
 def oracle_tokens(
-    coverage: np.ndarray, dim: int, noise: float, seed: int, stream: int
+    targets: np.ndarray, dim: int, noise: float, seed: int, stream: int
 ) -> np.ndarray:
-    return every_row(OracleTokens(coverage, dim, noise, seed, stream))
+    return every_row(OracleTokens(targets, dim, noise, seed, stream))
 
 
 def shuffled_tokens(features: np.ndarray, seed: int, stream: int) -> np.ndarray:

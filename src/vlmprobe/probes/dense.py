@@ -27,9 +27,12 @@ from vlmprobe.data.dataset import Split
 from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.extract.tokens import Tokens
 from vlmprobe.probes.detection import (
+    MAX_DETECTIONS,
+    NMS_IOU,
     Detections,
     NonFiniteDetections,
     Targets,
+    TokenFrame,
     class_ids,
     curve_values,
     detection_scores,
@@ -56,8 +59,6 @@ from vlmprobe.probes.training import (
 )
 
 SCORE_FLOOR = 0.05  # detections scoring below this are dropped before NMS
-NMS_IOU = 0.5
-MAX_DETECTIONS = 100
 
 
 @dataclass(frozen=True)
@@ -92,29 +93,6 @@ class DenseHead(nn.Module):
         out = from_grids(outs)
         c = out.shape[-1] - 5
         return out[..., :c], out[..., c], out[..., c + 1 :]
-
-
-@dataclass(frozen=True)
-class TokenFrame:
-    """Each token's centre and cell size as fractions of the image, for box coding."""
-
-    centre: torch.Tensor  # (T, 2)
-    cell: torch.Tensor  # (T, 2)
-
-    @classmethod
-    def of(cls, geometry: TokenGeometry) -> TokenFrame:
-        h, w = geometry.image_size
-        b = torch.from_numpy(geometry.token_boxes()).float() / torch.tensor([w, h, w, h])
-        return cls((b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2])
-
-    def to(self, device: torch.device) -> TokenFrame:
-        return TokenFrame(self.centre.to(device), self.cell.to(device))
-
-    def decode(self, ltrb: torch.Tensor) -> torch.Tensor:
-        """(..., T, 4) edge distances in cells -> xyxy boxes in image fractions."""
-        cell = self.cell.repeat(1, 2)
-        sign = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=cell.device)
-        return self.centre.repeat(1, 2) + sign * ltrb * cell
 
 
 def token_targets(target: Targets, frame: TokenFrame, n_classes: int):

@@ -13,9 +13,13 @@ import numpy as np
 import torch
 
 from vlmprobe.data.dataset import Split
+from vlmprobe.extract.geometry import TokenGeometry
 from vlmprobe.metrics.boxes import xyxy_to_xywh
 from vlmprobe.metrics.coco_map import coco_map, coco_map_ci, load_coco
 from vlmprobe.metrics.finite import describe_nonfinite, nonfinite_counts
+
+NMS_IOU = 0.5  # per-class NMS of the probes that decode one proposal per token
+MAX_DETECTIONS = 100  # per image, as COCO scores
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,39 @@ class Targets:
 
     def to(self, device: torch.device) -> Targets:
         return Targets(self.boxes.to(device), self.classes.to(device))
+
+
+@dataclass(frozen=True)
+class TokenFrame:
+    """Each token's centre and cell size, in pixels or (`normalised`) as fractions of the image:
+    the frame in which the probes that regress boxes per token code a box as the distances from
+    the token's centre to its four edges (left, top, right, bottom), in token cells."""
+
+    centre: torch.Tensor  # (T, 2) x, y
+    cell: torch.Tensor  # (T, 2) width, height
+
+    @classmethod
+    def of(cls, geometry: TokenGeometry, normalised: bool = True,
+           dtype: torch.dtype = torch.float32) -> TokenFrame:
+        b = torch.from_numpy(geometry.token_boxes()).to(dtype)
+        if normalised:
+            h, w = geometry.image_size
+            b = b / torch.tensor([w, h, w, h], dtype=dtype)
+        return cls((b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2])
+
+    def to(self, device: torch.device) -> TokenFrame:
+        return TokenFrame(self.centre.to(device), self.cell.to(device))
+
+    def encode(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(..., T, 4) xyxy boxes, one per token -> (..., T, 4) edge distances in cells."""
+        return torch.cat([(self.centre - boxes[..., :2]) / self.cell,
+                          (boxes[..., 2:] - self.centre) / self.cell], dim=-1)
+
+    def decode(self, ltrb: torch.Tensor) -> torch.Tensor:
+        """(..., T, 4) edge distances in cells -> xyxy boxes."""
+        cell = self.cell.repeat(1, 2)
+        sign = torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=cell.dtype, device=cell.device)
+        return self.centre.repeat(1, 2) + sign * ltrb * cell
 
 
 class NonFiniteDetections(ValueError):

@@ -37,11 +37,11 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class TokenSet:
     """One set of single-image tokens (a point's or a control's) and what a probe reads beside
-    them: the splits, each token's class coverage, the token grid, the LPIPS network."""
+    them: the splits, each token's readout targets, the token grid, the LPIPS network."""
 
     name: str
     features: dict[str, Tokens]  # split -> (N, T, D), read a batch of images at a time
-    targets: dict[str, np.ndarray]  # split -> (N, T, C) class coverage of each token
+    targets: dict[str, np.ndarray]  # split -> (N, T, C + 4) `coverage.instance_targets`
     splits: dict[str, Split]
     geometry: TokenGeometry
     lpips: Callable[[], Lpips]  # built once, when a probe first needs it
@@ -93,7 +93,8 @@ PROBES: dict[str, Probe] = {p.name: p for p in (
     Probe("bbox", "iou", **ORACLE_CONTROLS,
           columns={"iou": "bbox IoU", "map50": "mAP@0.5 (bbox)"},
           quantities={"iou": "bbox_iou"},
-          capacity="per-token ridge map to class coverage, decoded to boxes (closed form)",
+          capacity="per-token ridge map to class coverage and the covering instance's box "
+                   "edges, decoded with NMS (closed form)",
           budget=("probe.ridge_alphas", "probe.thresholds"),
           trained=False, clips=False, runner="vlmprobe.probes.coverage:run"),
     Probe("dense", "map50", **ORACLE_CONTROLS,

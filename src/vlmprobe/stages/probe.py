@@ -34,7 +34,7 @@ from vlmprobe.params import (
     resolve_names,
 )
 from vlmprobe.probes.controls import OracleTokens, PixelTokens, ShuffledTokens
-from vlmprobe.probes.coverage import ProbeSettings, coverage_targets
+from vlmprobe.probes.coverage import ProbeSettings, instance_targets
 from vlmprobe.probes.dense import DenseSettings
 from vlmprobe.probes.detr import DetrSettings
 from vlmprobe.probes.reconstruction import ReconstructionSettings, ScoreSettings
@@ -84,7 +84,6 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
         bbox=ProbeSettings(
             alphas=require_float_list(params, "probe.ridge_alphas", 1e-9, 1e6),
             thresholds=require_float_list(params, "probe.thresholds", 0.01, 0.99),
-            min_component_px=require_int(params, "probe.min_component_px", 1, 100_000),
             bootstrap=bootstrap,
             seed=seed,
         ),
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     splits = {name: load_split(args.data, name) for name in SPLITS}
     reference = store.points[-1]  # the deepest point: the controls use its grid and tokens
     geometry = store.geometry(reference)
-    targets = per_split(lambda _, s: coverage_targets(s, geometry), splits)
+    targets = per_split(lambda _, s: instance_targets(s, geometry), splits)
     suite = Suite(splits, settings, args.assets, args.plots / "curves")
 
     points, point_artifacts = {}, {}
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         point_targets = (
             targets
             if point_geometry == geometry
-            else per_split(lambda _, s, g=point_geometry: coverage_targets(s, g), splits)
+            else per_split(lambda _, s, g=point_geometry: instance_targets(s, g), splits)
         )
         features = {name: store.tokens(point, s.image_ids) for name, s in splits.items()}
         probes = {"bbox"} | {p for p in TRAINED if point in config["points"][p]}
