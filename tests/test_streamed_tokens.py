@@ -122,6 +122,18 @@ def test_ridge_problems_sharing_one_stream_match_each_fit_alone():
         np.testing.assert_allclose(fitted[0.1].bias, reference[0.1].bias, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ridge_summed_on_the_gpu_matches_the_host():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((300, 5)).astype(np.float32)
+    y = rng.standard_normal((300, 2)).astype(np.float32)
+    pairs = lambda: (((x[s : s + 64], y[s : s + 64]),) for s in range(0, 300, 64))  # noqa: E731
+    (host,) = fit_ridge_streams(pairs, [0.1])
+    (gpu,) = fit_ridge_streams(pairs, [0.1], torch.device("cuda"))
+    np.testing.assert_allclose(gpu[0.1].weight, host[0.1].weight, rtol=1e-9)
+    np.testing.assert_allclose(gpu[0.1].bias, host[0.1].bias, atol=1e-12)
+
+
 def test_split_images_and_masks_decode_on_demand_within_the_cache(tmp_path, monkeypatch):
     import vlmprobe.data.dataset as dataset
 

@@ -38,7 +38,7 @@ from vlmprobe.probes.detection import (
     require_finite_predictions,
 )
 from vlmprobe.probes.registry import ProbeResult, TokenSet
-from vlmprobe.probes.ridge import LinearMap, fit_ridge_streams
+from vlmprobe.probes.ridge import HOST, LinearMap, fit_ridge_streams
 
 EDGES = 4  # the targets' last columns: left, top, right, bottom distances in token cells
 
@@ -53,6 +53,7 @@ class ProbeSettings:
     thresholds: list[float]
     bootstrap: int
     seed: int
+    device: torch.device = HOST  # where the ridge's normal equations are summed
 
 
 def instance_targets(split: Split, geometry: TokenGeometry) -> np.ndarray:
@@ -129,8 +130,8 @@ class Readout:
         return np.concatenate([self.coverage(x), self.edges(x)], axis=-1)
 
 
-def fit_readouts(train: Tokens, targets: np.ndarray, alphas: list[float]
-                 ) -> dict[float, Readout]:
+def fit_readouts(train: Tokens, targets: np.ndarray, alphas: list[float],
+                 device: torch.device = HOST) -> dict[float, Readout]:
     """Both ridge maps for every penalty, from one stream of the training tokens."""
     n_classes = targets.shape[-1] - EDGES
     per_chunk = max(1, RIDGE_ROWS // train.shape[1])
@@ -141,7 +142,7 @@ def fit_readouts(train: Tokens, targets: np.ndarray, alphas: list[float]
             covered = y[:, :n_classes].sum(axis=1) > 0
             yield (x, y[:, :n_classes]), (x[covered], y[covered, n_classes:])
 
-    coverage, edges = fit_ridge_streams(problems, alphas)
+    coverage, edges = fit_ridge_streams(problems, alphas, device)
     return {alpha: Readout(coverage[alpha], edges[alpha]) for alpha in alphas}
 
 
@@ -163,7 +164,7 @@ def run_bbox_probe(
     features = {name: as_tokens(f) for name, f in features.items()}
     if not (targets["train"][..., :-EDGES] > 0).any():
         return invalid_result("no object covers any training token: there is nothing to read")
-    fits = fit_readouts(features["train"], targets["train"], settings.alphas)
+    fits = fit_readouts(features["train"], targets["train"], settings.alphas, settings.device)
 
     best: tuple[float, float, float] | None = None  # (val score, alpha, threshold)
     failed = ""  # why the last penalty that could not be scored was not

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class LinearMap:
 
 
 Pairs = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+HOST = torch.device("cpu")
 
 
 def fit_ridge_path(
@@ -41,10 +43,12 @@ def fit_ridge_stream(pairs: Pairs, alphas: list[float]) -> dict[float, LinearMap
 
 
 def fit_ridge_streams(problems: Callable[[], Iterable[tuple[tuple[np.ndarray, np.ndarray], ...]]],
-                      alphas: list[float]) -> list[dict[float, LinearMap]]:
+                      alphas: list[float], device: torch.device = HOST
+                      ) -> list[dict[float, LinearMap]]:
     """Several ridge problems (as `fit_ridge_stream`) fit from one stream: `problems()` yields,
     per chunk, one (x, y) pair per problem, so inputs the problems share are read twice in all,
-    not twice per problem."""
+    not twice per problem. On a GPU `device` the normal equations (the cost: rows x D^2) are
+    accumulated there, still in float64; the solve stays on the host."""
     n: list[int] = []
     x_sum: list[np.ndarray] = []
     y_sum: list[np.ndarray] = []
@@ -59,14 +63,29 @@ def fit_ridge_streams(problems: Callable[[], Iterable[tuple[tuple[np.ndarray, np
             y_sum[k] = y_sum[k] + ys.sum(axis=0, dtype=np.float64)
     x_mean = [total / count for total, count in zip(x_sum, n, strict=True)]
     y_mean = [total / count for total, count in zip(y_sum, n, strict=True)]
-    gram = [np.zeros((len(m), len(m))) for m in x_mean]
-    cross = [np.zeros((len(mx), len(my))) for mx, my in zip(x_mean, y_mean, strict=True)]
+    gram: list = [0.0] * len(n)
+    cross: list = [0.0] * len(n)
     for chunk in problems():
         for k, (xs, ys) in enumerate(chunk):
-            xc = xs.astype(np.float64) - x_mean[k]
-            gram[k] += xc.T @ xc
-            cross[k] += xc.T @ (ys.astype(np.float64) - y_mean[k])
-    return [_solve(*stats, alphas) for stats in zip(gram, cross, x_mean, y_mean, strict=True)]
+            g, c = _normal_equations(xs, ys, x_mean[k], y_mean[k], device)
+            gram[k], cross[k] = gram[k] + g, cross[k] + c
+    return [_solve(_host(g), _host(c), mx, my, alphas)
+            for g, c, mx, my in zip(gram, cross, x_mean, y_mean, strict=True)]
+
+
+def _normal_equations(xs: np.ndarray, ys: np.ndarray, x_mean: np.ndarray, y_mean: np.ndarray,
+                      device: torch.device):
+    """One chunk's centred X^T X and X^T Y in float64, computed on `device`."""
+    if device.type == "cpu":
+        xc = xs.astype(np.float64) - x_mean
+        return xc.T @ xc, xc.T @ (ys.astype(np.float64) - y_mean)
+    xc = torch.as_tensor(xs, device=device).double() - torch.as_tensor(x_mean, device=device)
+    yc = torch.as_tensor(ys, device=device).double() - torch.as_tensor(y_mean, device=device)
+    return xc.T @ xc, xc.T @ yc
+
+
+def _host(total) -> np.ndarray:
+    return total.cpu().numpy() if isinstance(total, torch.Tensor) else np.asarray(total)
 
 
 def _solve(gram: np.ndarray, cross: np.ndarray, x_mean: np.ndarray, y_mean: np.ndarray,

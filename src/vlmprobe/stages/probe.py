@@ -86,6 +86,7 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
             thresholds=require_float_list(params, "probe.thresholds", 0.01, 0.99),
             bootstrap=bootstrap,
             seed=seed,
+            device=device,
         ),
         dense=DenseSettings(
             fit=fit_settings(params, "dense", seed, threads, device),
