@@ -78,6 +78,10 @@ def main() -> None:
                              "control)")
     parser.add_argument("--assets", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="scratch project folder")
+    parser.add_argument("--coco", type=Path,
+                        help="a COCO-format folder (val2017/ and annotations/"
+                             "instances_val2017.json, as tests/realistic_coco.py writes): its "
+                             "images are probed instead of the synthetic shapes")
     parser.add_argument("--data-only", action="store_true",
                         help="stop after the data stage (to carry its output to a machine "
                              "that lacks its decoders)")
@@ -105,6 +109,14 @@ def main() -> None:
         "extract.batch_size": 8,
         "probe.device": args.device, "probe.threads": args.threads,
     }
+    if args.coco is not None:
+        overrides.update({
+            "data.dataset": "coco", "data.coco.image_size": args.image_size,
+            "data.coco.images": str((args.coco / "val2017").resolve()),
+            "data.coco.annotations": str(
+                (args.coco / "annotations" / "instances_val2017.json").resolve()),
+            "data.coco.n_train": n_train, "data.coco.n_val": n_val, "data.coco.n_test": n_test,
+        })
     for probe in TRAINED:
         steps = params["probe"][probe]["steps"]
         scaled = max(1, round(steps * args.steps_scale))
@@ -136,7 +148,8 @@ def main() -> None:
                                                        log.getvalue(), re.M)}
     metrics = json.loads((project / "metrics" / "probe.json").read_text())
     print(json.dumps({
-        "vlm": args.vlm, "point": deepest, "image_size": args.image_size,
+        "vlm": args.vlm, "dataset": "coco" if args.coco else "shapes", "point": deepest,
+        "image_size": args.image_size,
         "images": list(args.images), "probe_device": args.device, "threads": args.threads,
         "steps": {p: overrides[f"probe.{p}.steps"] for p in TRAINED},
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -146,6 +159,7 @@ def main() -> None:
                                if torch.cuda.is_available() else None),
         "validity": {p: v["valid"] for p, v in metrics["validity"].items()},
         "deepest": metrics["points"][deepest],
+        "controls": metrics.get("controls", {}),
     }))
 
 

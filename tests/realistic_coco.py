@@ -8,7 +8,10 @@ ones (each annotation is the *visible* mask, as COCO's), hollow (ring, frame) an
 (star, cross, crescent, ell) shapes, colours and textures that say nothing of the class, and 12
 categories with sparse ids. Annotations are compressed RLE, iscrowd 0.
 
-    python tests/realistic_coco.py --out coco_realistic --seed 0 --images 300
+    python tests/realistic_coco.py --out coco_realistic --seed 0 --images 300 --workers 2
+
+Each image is drawn from its own generator (seeded by the set's seed and the image's index), so
+the set is the same for any number of workers.
 
 then `dvc exp run -S data.dataset=coco -S data.coco.images=coco_realistic/val2017
 -S data.coco.annotations=coco_realistic/annotations/instances_val2017.json` (README, Datasets).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +38,28 @@ MIN_VISIBLE = 24  # pixels: an instance hidden below this is not annotated
 SMALL_SIDE = 32  # COCO's "small": area below 32^2 pixels
 
 
+REACH = 1.2  # every shape lies within this many radii of its centre
+
+
+def window(cx: float, cy: float, r: float, height: int, width: int) -> tuple[slice, slice]:
+    """The rows and columns of the image an instance can touch."""
+    x0, x1 = max(int(cx - REACH * r), 0), min(int(cx + REACH * r) + 1, width)
+    y0, y1 = max(int(cy - REACH * r), 0), min(int(cy + REACH * r) + 1, height)
+    return slice(y0, max(y0, y1)), slice(x0, max(x0, x1))
+
+
 def shape_mask(shape: str, cx: float, cy: float, r: float, angle: float,
                height: int, width: int) -> np.ndarray:
     """(H, W) bool mask of one instance: `shape` of radius `r` at (cx, cy), rotated by `angle`."""
+    mask = np.zeros((height, width), dtype=bool)
+    rows, cols = window(cx, cy, r, height, width)
+    mask[rows, cols] = _shape_inside(shape, cx - cols.start, cy - rows.start, r, angle,
+                                     rows.stop - rows.start, cols.stop - cols.start)
+    return mask
+
+
+def _shape_inside(shape: str, cx: float, cy: float, r: float, angle: float,
+                  height: int, width: int) -> np.ndarray:
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     dx, dy = xs - cx, ys - cy
     c, s = np.cos(angle), np.sin(angle)
@@ -121,7 +144,10 @@ def make_image(rng: np.random.Generator, width: int, height: int
         mask = shape_mask(SHAPES[category], cx, cy, r, angle, height, width)
         if not mask.any():
             continue
-        canvas[mask] = textured(rng, height, width, rng.uniform(0, 255, 3), strength=40)[mask]
+        rows, cols = window(cx, cy, r, height, width)
+        paint = textured(rng, rows.stop - rows.start, cols.stop - cols.start,
+                         rng.uniform(0, 255, 3), strength=40)
+        canvas[rows, cols][mask[rows, cols]] = paint[mask[rows, cols]]
         for _, earlier in painted:
             earlier &= ~mask  # occluded by the later instance
         painted.append((category, mask))
@@ -129,29 +155,40 @@ def make_image(rng: np.random.Generator, width: int, height: int
     return np.clip(canvas, 0, 255).astype(np.uint8), visible
 
 
+def write_image(root: Path, index: int, seed: int, scale: float) -> tuple[dict, list[dict]]:
+    """Draw image `index` of the set, save it, and return its COCO image record and its
+    annotations (ids still to be numbered)."""
+    rng = np.random.default_rng([seed, index])
+    image_id = 100_003 + 11 * index
+    width, height = (round(side * scale) for side in SIZES[index % len(SIZES)])
+    pixels, instances = make_image(rng, width, height)
+    annotations = []
+    for category, mask in instances:
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        annotations.append({
+            "image_id": image_id, "category_id": CATEGORIES[category]["id"],
+            "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
+            "area": float(mask.sum()), "bbox": mask_utils.toBbox(rle).tolist(), "iscrowd": 0})
+    file_name = f"{image_id:012d}.jpg"
+    Image.fromarray(pixels).save(root / "val2017" / file_name, quality=92)
+    return {"id": image_id, "file_name": file_name, "width": width, "height": height}, annotations
+
+
 def make_realistic_coco(root: Path, n_images: int = 300, seed: int = 0,
-                        scale: float = 1.0) -> Path:
+                        scale: float = 1.0, workers: int = 1) -> Path:
     """Write the set under `root` (`val2017/*.jpg`, ANNOTATIONS); image sides times `scale`."""
-    rng = np.random.default_rng(seed)
     (root / "val2017").mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(exist_ok=True)
-    images, annotations = [], []
-    for index in range(n_images):
-        image_id = 100_003 + 11 * index
-        width, height = (round(side * scale) for side in SIZES[index % len(SIZES)])
-        pixels, instances = make_image(rng, width, height)
-        for category, mask in instances:
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id,
-                "category_id": CATEGORIES[category]["id"],
-                "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
-                "area": float(mask.sum()), "bbox": mask_utils.toBbox(rle).tolist(),
-                "iscrowd": 0})
-        file_name = f"{image_id:012d}.jpg"
-        Image.fromarray(pixels).save(root / "val2017" / file_name, quality=92)
-        images.append({"id": image_id, "file_name": file_name, "width": width,
-                       "height": height})
+    indices = range(n_images)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            drawn = list(pool.map(write_image, [root] * n_images, indices, [seed] * n_images,
+                                  [scale] * n_images, chunksize=8))
+    else:
+        drawn = [write_image(root, index, seed, scale) for index in indices]
+    images = [image for image, _ in drawn]
+    annotations = [{"id": k + 1, **a}
+                   for k, a in enumerate(a for _, per_image in drawn for a in per_image)]
     (root / ANNOTATIONS).write_text(json.dumps(
         {"images": images, "annotations": annotations, "categories": CATEGORIES}))
     return root
@@ -163,8 +200,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--scale", type=float, default=1.0, help="image sides times this")
+    parser.add_argument("--workers", type=int, default=1, help="processes drawing images")
     args = parser.parse_args()
-    root = make_realistic_coco(args.out, args.images, args.seed, args.scale)
+    root = make_realistic_coco(args.out, args.images, args.seed, args.scale, args.workers)
     print(f"{args.images} images in {root / 'val2017'}, annotations {root / ANNOTATIONS}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +15,10 @@ from vlmprobe.probes.controls import oracle_tokens, shuffled_tokens
 from vlmprobe.probes.coverage import (
     EDGES,
     ProbeSettings,
+    RenderedCoverage,
     class_ids,
-    decode,
+    decode_components,
+    decode_token_boxes,
     instance_targets,
     pixel_frame,
     run_bbox_probe,
@@ -22,7 +26,7 @@ from vlmprobe.probes.coverage import (
 
 GEOMETRY = TokenGeometry.single_grid((112, 112), 8, 8)
 SETTINGS = ProbeSettings(
-    alphas=[1e-3, 1e-1], thresholds=[0.2, 0.4], bootstrap=200, seed=0
+    alphas=[1e-3, 1e-1], thresholds=[0.2, 0.4], min_component_px=4, bootstrap=200, seed=0
 )
 
 
@@ -55,11 +59,12 @@ def test_edge_targets_decode_to_the_covering_instances_box(splits):
     assert (targets[0, ~covered, -EDGES:] == 0).all()
 
 
-def test_decoding_true_coverage_recovers_the_boxes(splits):
+def test_token_boxes_of_the_true_targets_are_the_boxes(splits):
     split = splits["test"]
     targets = instance_targets(split, GEOMETRY)
     for i in range(5):
-        found = decode(targets[i], pixel_frame(GEOMETRY), class_ids(split), 0.2, (112, 112))
+        found = decode_token_boxes(targets[i], pixel_frame(GEOMETRY), class_ids(split), 0.2,
+                                   (112, 112))
         assert len(found.boxes) == len(split.boxes[i])
         for gt, label in zip(split.boxes[i], split.labels[i], strict=True):
             nearest = np.abs(found.boxes - gt).max(axis=1).argmin()
@@ -67,12 +72,28 @@ def test_decoding_true_coverage_recovers_the_boxes(splits):
             assert found.labels[nearest] == label
 
 
+def test_touching_instances_of_one_class_stay_apart_only_as_token_boxes():
+    geometry = TokenGeometry.single_grid((64, 64), 8, 8)
+    masks = np.zeros((2, 64, 64), dtype=bool)
+    masks[0, 16:48, 8:32] = True  # two boxes of one class that share an edge at x = 32
+    masks[1, 16:48, 32:56] = True
+    boxes = np.array([[8, 16, 32, 48], [32, 16, 56, 48]], dtype=np.float64)
+    split = SimpleNamespace(categories=[{"id": 1}], images=np.zeros((1, 64, 64, 3), np.uint8),
+                            image_ids=[0], masks=[masks], labels=[np.array([1, 1])],
+                            boxes=[boxes])
+    targets = instance_targets(split, geometry)[0]
+    by_tokens = decode_token_boxes(targets, pixel_frame(geometry), [1], 0.3, (64, 64))
+    np.testing.assert_allclose(sorted(by_tokens.boxes.tolist()), boxes, atol=1e-3)
+    merged = decode_components(RenderedCoverage.of(targets[:, :1], geometry), [1], 0.3, 4)
+    assert len(merged.boxes) == 1  # one component spans both instances
+
+
 def test_oracle_passes_and_its_shuffled_version_fails(splits):
     targets = {n: instance_targets(s, GEOMETRY) for n, s in splits.items()}
     oracle = {n: oracle_tokens(t, 64, 0.05, seed=0, stream=i)
               for i, (n, t) in enumerate(targets.items())}
     good = run_bbox_probe(oracle, targets, splits, GEOMETRY, SETTINGS)
-    assert good["iou"] >= 0.6
+    assert good["iou"] >= 0.6 and good["selected"]["decoding"] in ("token_boxes", "components")
     lo, hi = good["iou_ci95"]
     assert lo <= good["iou"] <= hi
     shuffled = {n: shuffled_tokens(f, seed=0, stream=i) for i, (n, f) in enumerate(oracle.items())}

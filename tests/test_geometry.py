@@ -22,6 +22,22 @@ def test_geometry_round_trips_through_its_dict_form():
     assert g.n_tokens == 260
 
 
+def test_render_of_constant_values_is_constant_where_covered():
+    g = TokenGeometry((20, 20), (Grid(2, 2, (0, 0, 10, 10)),))
+    pixels = g.render(np.full((4, 1), 0.7))
+    np.testing.assert_allclose(pixels[:10, :10], 0.7, rtol=1e-6)
+    assert pixels[10:, :].max() == 0.0  # no grid covers it
+
+
+def test_render_places_each_token_over_its_own_cell():
+    g = TokenGeometry.single_grid((40, 40), rows=4, cols=4)
+    values = np.zeros((16, 1))
+    values[5] = 1.0  # row 1, col 1: pixels 10..20
+    pixels = g.render(values)[..., 0]
+    assert np.unravel_index(pixels.argmax(), pixels.shape)[0] in range(10, 20)
+    assert np.unravel_index(pixels.argmax(), pixels.shape)[1] in range(10, 20)
+
+
 def test_region_coverage_is_the_exact_covered_fraction():
     mask = np.zeros((1, 28, 28), dtype=bool)
     mask[0, 0:14, 0:7] = True  # half of the first 14x14 cell

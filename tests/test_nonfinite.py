@@ -222,7 +222,7 @@ def test_dense_head_with_nan_scores_is_marked_invalid(tiny, tmp_path, monkeypatc
 def test_bbox_probe_with_nan_coverage_is_marked_invalid(tiny, monkeypatch):  # noqa: F811
     splits, geometry, oracle = tiny
     targets = {n: coverage.instance_targets(s, geometry) for n, s in splits.items()}
-    settings = coverage.ProbeSettings([1.0], [0.5], 100, 0)
+    settings = coverage.ProbeSettings([1.0], [0.5], 4, 100, 0)
     monkeypatch.setattr(coverage, "_predict",
                         lambda linear, tokens: np.full((tokens.shape[0], geometry.n_tokens,
                                                                  3 + coverage.EDGES), NAN))

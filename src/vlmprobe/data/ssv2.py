@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -74,6 +73,8 @@ class VideoTask:
 
 def decode_frames(path: Path) -> tuple[list[Image.Image], float | None, float | None]:
     """Every frame of the first video stream, its stated duration (s) and frame rate."""
+    import av  # here, not at the top: only SSv2 needs PyAV, so the data stage runs without it
+
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         rate = float(stream.average_rate) if stream.average_rate else None
@@ -91,6 +92,8 @@ def decode_frames(path: Path) -> tuple[list[Image.Image], float | None, float | 
 
 def prepare_video(task: VideoTask) -> np.ndarray | BadSample:
     """(n_frames, size, size, 3) uint8 evenly spaced, letterboxed frames, or what is bad."""
+    import av
+
     if not task.path.is_file():
         return BadSample(str(task.path), "file not found")
     try:

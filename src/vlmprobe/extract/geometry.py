@@ -59,6 +59,33 @@ class TokenGeometry:
         grids = tuple(Grid(g["rows"], g["cols"], tuple(g["box"])) for g in d["grids"])
         return cls(image_size=tuple(d["image_size"]), grids=grids)
 
+    def render(self, values: np.ndarray) -> np.ndarray:
+        """Bilinearly upsample per-token values (T, C) to an (H, W, C) pixel map.
+
+        Where grids overlap their renderings are averaged; pixels no grid covers are 0.
+        """
+        h, w = self.image_size
+        values = np.asarray(values, dtype=np.float32)
+        total = np.zeros((h, w, values.shape[1]), dtype=np.float32)
+        weight = np.zeros((h, w, 1), dtype=np.float32)
+        start = 0
+        for g in self.grids:
+            block = values[start : start + g.n_tokens].reshape(g.rows, g.cols, -1)
+            start += g.n_tokens
+            x0, y0, x1, y1 = (int(round(v)) for v in g.box)
+            x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            up = F.interpolate(
+                torch.from_numpy(block).permute(2, 0, 1)[None],
+                size=(y1 - y0, x1 - x0),
+                mode="bilinear",
+                align_corners=False,
+            )[0].permute(1, 2, 0)
+            total[y0:y1, x0:x1] += up.numpy()
+            weight[y0:y1, x0:x1] += 1.0
+        return np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
+
 
 def area_weights(source: TokenGeometry, target: TokenGeometry) -> np.ndarray:
     """(T_target, T_source) overlap areas of every source token with every target cell, each

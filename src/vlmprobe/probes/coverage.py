@@ -1,12 +1,17 @@
 """The bbox probe (the plan's linear probe): a per-token linear readout of class coverage and of
-the box of the instance under the token, decoded with NMS.
+the box of the instance under the token, decoded into boxes in one of two ways.
 
-Each token predicts, by one closed-form ridge map, the fraction of its image region covered by
-each object class and the distances from its centre to the four edges of the box of the
-instance that covers most of its region (in token cells). Tokens whose largest predicted class
-coverage passes a threshold each propose their box for that class; per-class NMS keeps one box
-per instance. So touching instances of one class stay apart (their tokens name different boxes)
-and a box is as precise as the readout, not as coarse as the token grid.
+Each token predicts, by closed-form ridge maps, the fraction of its image region covered by each
+object class and the distances from its centre to the four edges of the box of the instance
+that covers most of its region (in token cells). Two decodings of that one readout; the probe
+uses the one that scores better on val (with the penalty and the threshold):
+- `token_boxes`: tokens whose largest predicted class coverage passes the threshold each
+  propose their box for that class; per-class NMS keeps one box per instance. Touching
+  instances of one class stay apart (their tokens name different boxes), and a box is as
+  precise as the readout, not as coarse as the token grid.
+- `components`: the coverage map upsampled to pixels, thresholded and split into connected
+  components per class, each component's extent a box. It needs no box edges from the model,
+  but merges touching instances of one class.
 
 The oracle control (`vlmprobe.probes.controls`) encodes exactly these targets: what a perfect
 model would give this readout.
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torchvision.ops import batched_nms
 
 from vlmprobe.data.dataset import Split
@@ -51,6 +57,7 @@ def pixel_frame(geometry: TokenGeometry) -> TokenFrame:
 class ProbeSettings:
     alphas: list[float]
     thresholds: list[float]
+    min_component_px: int  # `components` decoding: smaller components are noise, not objects
     bootstrap: int
     seed: int
     device: torch.device = HOST  # where the ridge's normal equations are summed
@@ -80,8 +87,11 @@ def instance_targets(split: Split, geometry: TokenGeometry) -> np.ndarray:
     return out
 
 
-def decode(predicted: np.ndarray, frame: TokenFrame, ids: list[int], threshold: float,
-           image_size: tuple[int, int]) -> Detections:
+DECODINGS = ("token_boxes", "components")
+
+
+def decode_token_boxes(predicted: np.ndarray, frame: TokenFrame, ids: list[int],
+                       threshold: float, image_size: tuple[int, int]) -> Detections:
     """One image's detections from its predicted per-token targets (T, C + 4): every token
     whose largest class coverage passes `threshold` proposes its box, scored by that coverage;
     per-class NMS keeps the best of overlapping proposals."""
@@ -98,21 +108,66 @@ def decode(predicted: np.ndarray, frame: TokenFrame, ids: list[int], threshold: 
                       score[keep].astype(np.float64))
 
 
-def score_split(
-    predicted: np.ndarray, split: Split, geometry: TokenGeometry, thresholds: list[float]
-) -> dict[float, tuple[np.ndarray, np.ndarray, list[Detections]]]:
-    """Per threshold, per-image (paired IoU sum, slot count) and the decoded detections."""
+@dataclass(frozen=True)
+class RenderedCoverage:
+    """One image's predicted class coverage upsampled to pixels, with what every threshold's
+    `components` decoding reads: each pixel's most covered class and that coverage."""
+
+    pixels: np.ndarray  # (H, W, C)
+    best: np.ndarray  # (H, W) class index
+    peak: np.ndarray  # (H, W)
+
+    @classmethod
+    def of(cls, coverage: np.ndarray, geometry: TokenGeometry) -> RenderedCoverage:
+        pixels = geometry.render(coverage)
+        return cls(pixels, pixels.argmax(axis=-1), pixels.max(axis=-1))
+
+
+def decode_components(rendered: RenderedCoverage, ids: list[int], threshold: float,
+                      min_component_px: int) -> Detections:
+    """One image's detections: the extent of every connected component of pixels whose most
+    covered class passes `threshold`, scored by its mean coverage."""
+    foreground = rendered.peak > threshold
+    boxes, labels, scores = [], [], []
+    for c, category in enumerate(ids):
+        components, _ = ndimage.label(foreground & (rendered.best == c))
+        for k, region in enumerate(ndimage.find_objects(components), start=1):
+            if region is None:
+                continue
+            member = components[region] == k
+            if member.sum() < min_component_px:
+                continue
+            rows, cols = region
+            boxes.append([cols.start, rows.start, cols.stop, rows.stop])
+            labels.append(category)
+            scores.append(float(rendered.pixels[region][..., c][member].mean()))
+    return Detections(np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                      np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64))
+
+
+Scored = dict[tuple[str, float], tuple[np.ndarray, np.ndarray, list[Detections]]]
+
+
+def score_split(predicted: np.ndarray, split: Split, geometry: TokenGeometry,
+                choices: list[tuple[str, float]], min_component_px: int) -> Scored:
+    """Per (decoding, threshold), per-image (paired IoU sum, slot count) and the decoded
+    detections; each image's coverage is rendered once for every `components` threshold."""
     ids, frame = class_ids(split), pixel_frame(geometry)
-    scored: dict[float, tuple[list, list, list]] = {t: ([], [], []) for t in thresholds}
+    scored: dict[tuple[str, float], tuple[list, list, list]] = {c: ([], [], []) for c in choices}
+    rendering = any(decoding == "components" for decoding, _ in choices)
     for targets, gt in zip(predicted, split.boxes, strict=True):
-        for threshold, (sums, denoms, detections) in scored.items():
-            found = decode(targets, frame, ids, threshold, geometry.image_size)
+        rendered = RenderedCoverage.of(targets[:, : len(ids)], geometry) if rendering else None
+        for (decoding, threshold), (sums, denoms, detections) in scored.items():
+            if decoding == "components":
+                found = decode_components(rendered, ids, threshold, min_component_px)
+            else:
+                found = decode_token_boxes(targets, frame, ids, threshold, geometry.image_size)
             s, d = matched_iou(gt, found.boxes)
             sums.append(s)
             denoms.append(d)
             detections.append(found)
-    return {t: (np.asarray(sums), np.asarray(denoms), detections)
-            for t, (sums, denoms, detections) in scored.items()}
+    return {c: (np.asarray(sums), np.asarray(denoms), detections)
+            for c, (sums, denoms, detections) in scored.items()}
 
 
 RIDGE_ROWS = 65536  # tokens per chunk of the normal equations (a chunk is whole images)
@@ -153,7 +208,7 @@ def run_bbox_probe(
     geometry: TokenGeometry,
     settings: ProbeSettings,
 ) -> dict:
-    """Fit on train, choose the penalty and threshold on val, report on test.
+    """Fit on train, choose the penalty, decoding and threshold on val, report on test.
 
     features[split]: (N, T, D) tokens, read a chunk of images at a time; targets[split]:
     (N, T, C + 4) from `instance_targets`.
@@ -166,7 +221,8 @@ def run_bbox_probe(
         return invalid_result("no object covers any training token: there is nothing to read")
     fits = fit_readouts(features["train"], targets["train"], settings.alphas, settings.device)
 
-    best: tuple[float, float, float] | None = None  # (val score, alpha, threshold)
+    choices = [(decoding, t) for decoding in DECODINGS for t in settings.thresholds]
+    best: tuple[float, float, tuple[str, float]] | None = None  # (val score, alpha, choice)
     failed = ""  # why the last penalty that could not be scored was not
     for alpha, readout in fits.items():
         predicted = _predict(readout, features["val"])
@@ -176,14 +232,15 @@ def run_bbox_probe(
         except NonFiniteDetections as e:
             failed = str(e)
             continue
-        scored = score_split(predicted, splits["val"], geometry, settings.thresholds)
-        for threshold, (sums, denoms, _) in scored.items():
+        scored = score_split(predicted, splits["val"], geometry, choices,
+                             settings.min_component_px)
+        for choice, (sums, denoms, _) in scored.items():
             score = ratio_of_sums(sums, denoms)
             if best is None or score > best[0]:
-                best = (score, alpha, threshold)
+                best = (score, alpha, choice)
     if best is None:
         return invalid_result(f"no ridge penalty gave a finite readout; the last: {failed}")
-    val_score, alpha, threshold = best
+    val_score, alpha, choice = best
 
     test = splits["test"]
     predicted = _predict(fits[alpha], features["test"])
@@ -191,7 +248,8 @@ def run_bbox_probe(
         require_finite_predictions("bbox test readout", {"readout": list(predicted)})
     except NonFiniteDetections as e:
         return invalid_result(str(e))
-    sums, denoms, detections = score_split(predicted, test, geometry, [threshold])[threshold]
+    sums, denoms, detections = score_split(predicted, test, geometry, [choice],
+                                           settings.min_component_px)[choice]
     maps = coco_map(load_coco(test.coco_path), coco_detections(test, detections), test.image_ids)
     return {
         "iou": ratio_of_sums(sums, denoms),
@@ -199,7 +257,7 @@ def run_bbox_probe(
         "map50": maps["map50"],
         "map": maps["map"],
         "val_iou": val_score,
-        "selected": {"alpha": alpha, "threshold": threshold},
+        "selected": {"alpha": alpha, "decoding": choice[0], "threshold": choice[1]},
     }
 
 

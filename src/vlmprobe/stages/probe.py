@@ -84,6 +84,7 @@ def validate(params: dict, points: list[str] | None = None) -> dict:
         bbox=ProbeSettings(
             alphas=require_float_list(params, "probe.ridge_alphas", 1e-9, 1e6),
             thresholds=require_float_list(params, "probe.thresholds", 0.01, 0.99),
+            min_component_px=require_int(params, "probe.min_component_px", 1, 100_000),
             bootstrap=bootstrap,
             seed=seed,
             device=device,
